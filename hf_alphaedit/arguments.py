@@ -1,0 +1,299 @@
+"""`EditingArguments`: every setting of an editing run, Trainer-style.
+
+The dataclass works with `transformers.HfArgumentParser` (each field is a `--flag`) and saves / loads as
+JSON. Hyperparameters left at `None` are resolved against the loaded model by `resolve()`, either from the
+reference files of the official AlphaEdit code (`preset="reference"`) or from rules that adapt to the model
+(`preset="auto"`, the default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .architectures import ModelSpec
+
+FACT_TOKENS = ("subject_last", "subject_first_after_last", "last")
+THRESHOLD_MODES = ("absolute", "relative", "energy")
+PRESETS = ("auto", "reference")
+
+
+@dataclass(frozen=True)
+class _ReferenceFile:
+    """One hyperparameter file of the official AlphaEdit repository (ALGORITHMS.md §11.1–11.2)."""
+
+    num_layers: int
+    layers: tuple[int, ...]
+    v_num_grad_steps: int
+    v_lr: float
+    mom2_update_weight: float
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    nullspace_threshold: float = 2e-2
+    l2: float = 10.0
+
+
+REFERENCE_FILES: dict[str, _ReferenceFile] = {
+    "gpt2-xl": _ReferenceFile(48, (13, 14, 15, 16, 17), 20, 0.5, 20000.0),
+    "gpt-j-6b": _ReferenceFile(28, (3, 4, 5, 6, 7, 8), 25, 0.5, 15000.0),
+    "llama3-8b": _ReferenceFile(32, (4, 5, 6, 7, 8), 25, 0.1, 15000.0),
+}
+# Which reference file a model family inherits when `preset="reference"`: GPT-2 style LayerNorm models take the
+# GPT-2 XL file, GPT-J takes its own, every pre-norm gated-MLP decoder takes Llama-3-8B's.
+_FAMILY_REFERENCE = {"gpt2": "gpt2-xl", "gptj": "gpt-j-6b", "gpt_neox": "gpt2-xl", "opt": "gpt2-xl", "falcon": "gpt2-xl"}
+
+AUTO_V_NUM_GRAD_STEPS = 60
+AUTO_V_LR_RMS_FACTOR = 0.1
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class EditingArguments:
+    """Settings of a sequential editing run.
+
+    Fields left at `None` are filled in by `resolve(spec)` for the loaded model; see `preset`.
+    """
+
+    method: str = _help("Editing method: 'alphaedit' (null-space projected) or 'memit' (unprojected baseline).",
+                        default="alphaedit")
+    preset: str = _help(
+        "How unset hyperparameters are chosen: 'auto' adapts them to the model (step size scaled to the "
+        "hidden-state RMS, optimisation until the target is reached, up to a cap); 'reference' reproduces the "
+        "official AlphaEdit files (GPT-2 XL, GPT-J, Llama-3-8B; other families inherit the closest one).",
+        default="auto")
+    layers: list[int] | None = _help("Edited layers (0-based). Default: chosen by relative depth.", default=None)
+    batch_size: int = _help("Edits per batch in sequential editing.", default=100)
+    seed: int = _help("Seed for context-template sampling and anything else random.", default=0)
+    output_dir: str | None = _help("Where edited checkpoints, logs and run state are written.", default=None)
+
+    statistics_corpus: str = _help(
+        "Corpus for key statistics: a Hub dataset name ('name' or 'name:config') or a local .txt/.json/.jsonl "
+        "file or folder of them.", default="Salesforce/wikitext:wikitext-103-raw-v1")
+    statistics_samples: int = _help("Number of corpus samples (documents or lines) for key statistics.",
+                                    default=100000)
+    statistics_max_length: int | None = _help(
+        "Truncate each sample to this many tokens. Default: the model's context length, capped at 4096.",
+        default=None)
+    statistics_batch_tokens: int = _help("Token budget (padded) of one statistics forward batch.", default=8192)
+    statistics_cache_dir: str | None = _help(
+        "Where collected statistics are cached. Default: $HF_ALPHAEDIT_CACHE/statistics or "
+        "~/.cache/hf_alphaedit/statistics.", default=None)
+
+    nullspace_threshold: float | None = _help(
+        "Null-space threshold τ. Mode 'absolute' (reference): eigenvalues of the mean key second moment below τ. "
+        "'relative': below τ·λ_max. 'energy': the smallest eigenvalues whose sum is at most τ of the trace.",
+        default=None)
+    nullspace_threshold_mode: str = _help("'absolute' (reference), 'relative' or 'energy'.", default="absolute")
+    l2: float | None = _help("AlphaEdit ridge coefficient λ₂ (the reference's L2).", default=None)
+    mom2_update_weight: float | None = _help("MEMIT weight λ of the preserved-key second moment.", default=None)
+
+    fact_token: str = _help("Token where facts are looked up: subject_last | subject_first_after_last | last.",
+                            default="subject_last")
+    v_lr: float | None = _help(
+        "Adam step size of the target optimisation. Default ('auto' preset): v_lr_rms_factor × the RMS of "
+        "each request's hidden state at the last edited layer.", default=None)
+    v_lr_rms_factor: float = _help("Step size relative to the hidden-state RMS when v_lr is not set.",
+                                   default=AUTO_V_LR_RMS_FACTOR)
+    v_num_grad_steps: int | None = _help("Maximum number of target-optimisation iterations.", default=None)
+    v_loss_layer: int | None = _help("Layer whose output the target loss reads. Default: the last layer.",
+                                     default=None)
+    v_weight_decay: float | None = _help("Norm penalty weight on the optimised delta.", default=None)
+    clamp_norm_factor: float | None = _help("The delta is clamped to this fraction of the hidden-state norm.",
+                                            default=None)
+    kl_factor: float | None = _help("Weight of the KL term that keeps the subject's essence.", default=None)
+    v_early_stop_loss: float = _help("A request stops optimising once its total loss is below this.",
+                                     default=5e-2)
+    target_batch_tokens: int = _help(
+        "Token budget of one target-optimisation micro-batch (requests are independent, so results do not "
+        "depend on it; lower it if memory runs out).", default=8192)
+    context_template_length: int = _help("Token length of each generated context template.", default=10)
+    context_template_count: int = _help("Number of generated context templates (one per seed word, up to 5).",
+                                        default=5)
+
+    layer_module_tmp: str | None = _help("Override: block module path with '{}' for the layer index.",
+                                         default=None)
+    rewrite_module_tmp: str | None = _help("Override: edited module path with '{}' for the layer index.",
+                                           default=None)
+    final_norm: str | None = _help("Override: final norm module path applied before the LM head.", default=None)
+    disable_tqdm: bool = _help("Hide progress bars.", default=False)
+
+    def __post_init__(self) -> None:
+        # HfArgumentParser.parse_dict / JSON / YAML do no type conversion ('1e-4' stays a string).
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if f.type in ("float | None", "float"):
+                setattr(self, f.name, _coerce(f.name, value, float))
+            elif f.type in ("int | None", "int"):
+                setattr(self, f.name, _coerce(f.name, value, int))
+            elif f.type == "bool":
+                setattr(self, f.name, _coerce_bool(f.name, value))
+        if self.layers is not None:
+            if isinstance(self.layers, (int, str)):
+                self.layers = [self.layers]
+            self.layers = [_coerce("layers", x, int) for x in self.layers]
+            if not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
+                raise ValueError(f"EditingArguments.layers={self.layers!r}: give distinct non-negative layer indices.")
+            self.layers = sorted(self.layers)
+        self.method = str(getattr(self.method, "value", self.method)).lower()
+        _check_choice("preset", self.preset, PRESETS)
+        _check_choice("fact_token", self.fact_token, FACT_TOKENS)
+        _check_choice("nullspace_threshold_mode", self.nullspace_threshold_mode, THRESHOLD_MODES)
+        for name in ("batch_size", "statistics_samples", "statistics_batch_tokens", "target_batch_tokens",
+                     "context_template_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EditingArguments.{name}={getattr(self, name)}: must be at least 1.")
+        if not 0 <= self.context_template_count <= len(CONTEXT_SEED_WORDS):
+            raise ValueError(f"EditingArguments.context_template_count={self.context_template_count}: "
+                             f"must be between 0 and {len(CONTEXT_SEED_WORDS)}.")
+        for name in ("v_lr", "v_lr_rms_factor", "l2", "mom2_update_weight", "clamp_norm_factor"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"EditingArguments.{name}={value}: must be a positive finite number.")
+        if self.nullspace_threshold is not None and not self.nullspace_threshold >= 0:
+            raise ValueError(f"EditingArguments.nullspace_threshold={self.nullspace_threshold}: must be >= 0.")
+        if self.nullspace_threshold_mode != "absolute" and (self.nullspace_threshold or 0) >= 1:
+            raise ValueError(f"EditingArguments.nullspace_threshold={self.nullspace_threshold}: in mode "
+                             f"'{self.nullspace_threshold_mode}' it is a fraction and must be below 1.")
+        from .methods import get_method_classes  # late import: methods import this module
+
+        get_method_classes(self.method)
+
+    def resolve(self, spec: ModelSpec) -> ResolvedHyperparameters:
+        """Fill every unset hyperparameter for the model described by `spec`."""
+        ref = REFERENCE_FILES[_FAMILY_REFERENCE.get(spec.model_type, "llama3-8b")]
+        reference = self.preset == "reference"
+        if self.layers is not None:
+            layers = tuple(self.layers)
+        elif reference and spec.num_layers == ref.num_layers:
+            layers = ref.layers
+        else:
+            layers = tuple(spec.default_layers())
+        if layers[-1] >= spec.num_layers:
+            raise ValueError(f"EditingArguments.layers={list(layers)}: the model has only {spec.num_layers} "
+                             f"layers (0..{spec.num_layers - 1}).")
+        v_loss_layer = spec.num_layers - 1 if self.v_loss_layer is None else self.v_loss_layer
+        if not layers[-1] <= v_loss_layer < spec.num_layers:
+            raise ValueError(f"EditingArguments.v_loss_layer={v_loss_layer}: must lie between the last edited "
+                             f"layer ({layers[-1]}) and the last layer ({spec.num_layers - 1}).")
+        if v_loss_layer != spec.num_layers - 1:
+            raise NotImplementedError("EditingArguments.v_loss_layer: only the last layer is supported "
+                                      "(every reference file uses it); leave it unset.")
+
+        def pick(name: str, auto_value: Any) -> Any:
+            value = getattr(self, name)
+            if value is not None:
+                return value
+            return getattr(ref, name) if reference else auto_value
+
+        v_lr = self.v_lr if self.v_lr is not None else (ref.v_lr if reference else None)
+        return ResolvedHyperparameters(
+            layers=layers,
+            fact_token=self.fact_token,
+            v_lr=v_lr,
+            v_lr_rms_factor=self.v_lr_rms_factor,
+            v_num_grad_steps=pick("v_num_grad_steps", AUTO_V_NUM_GRAD_STEPS),
+            v_weight_decay=pick("v_weight_decay", ref.v_weight_decay),
+            clamp_norm_factor=pick("clamp_norm_factor", ref.clamp_norm_factor),
+            kl_factor=pick("kl_factor", ref.kl_factor),
+            v_early_stop_loss=self.v_early_stop_loss,
+            nullspace_threshold=pick("nullspace_threshold", ref.nullspace_threshold),
+            nullspace_threshold_mode=self.nullspace_threshold_mode,
+            l2=pick("l2", ref.l2),
+            mom2_update_weight=pick("mom2_update_weight", ref.mom2_update_weight),
+            context_template_length=self.context_template_length,
+            context_template_count=self.context_template_count,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; fields ending in `_token` are masked as in `TrainingArguments`."""
+        return {f.name: ("<HUB_TOKEN>" if f.name.endswith("_token") and getattr(self, f.name) else
+                         getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string() + "\n")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EditingArguments:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"EditingArguments: unknown field(s) {unknown}; known fields are {sorted(known)}.")
+        return cls(**values)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> EditingArguments:
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_dict(json.load(handle))
+
+
+CONTEXT_SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
+
+
+@dataclass(frozen=True)
+class ResolvedHyperparameters:
+    """Concrete hyperparameters of a run on one model (nothing left unset except an automatic `v_lr`)."""
+
+    layers: tuple[int, ...]
+    fact_token: str
+    v_lr: float | None
+    v_lr_rms_factor: float
+    v_num_grad_steps: int
+    v_weight_decay: float
+    clamp_norm_factor: float
+    kl_factor: float
+    v_early_stop_loss: float
+    nullspace_threshold: float
+    nullspace_threshold_mode: Literal["absolute", "relative", "energy"]
+    l2: float
+    mom2_update_weight: float
+    context_template_length: int
+    context_template_count: int
+
+    @property
+    def z_layer(self) -> int:
+        return self.layers[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    try:
+        converted = kind(float(value)) if kind is int else kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"EditingArguments.{name}={value!r}: expected a {kind.__name__}.") from None
+    if kind is int and float(value) != converted:
+        raise ValueError(f"EditingArguments.{name}={value!r}: expected an integer.")
+    return converted
+
+
+def _coerce_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"EditingArguments.{name}={value!r}: expected true or false.")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"EditingArguments.{name}={value!r}: choose one of {list(choices)}.")

@@ -1,0 +1,119 @@
+"""Partial forward passes: stop a forward after a module, and re-run a range of blocks.
+
+Editing only ever changes the hidden state at one block (the z-layer) or the weights of a few edited blocks,
+so everything below them can be computed once and reused. `BlockRunner` records, during one ordinary forward
+pass, the exact arguments every block receives (attention masks, rotary embeddings, position ids, ...; none of
+them depend on the hidden state) and can then run any range of blocks from a new hidden state. This is
+architecture-agnostic because it reuses whatever the model itself passed to its blocks; `BlockRunner.verify`
+checks the equivalence numerically once per model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import ModelSpec, block_output_hidden
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+@contextlib.contextmanager
+def stop_after(module: nn.Module) -> Iterator[None]:
+    """Within the context, a forward pass ends right after `module` has run (use `run_until`)."""
+
+    def hook(*_: Any) -> None:
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def run_until(model: nn.Module, module: nn.Module, **inputs: Any) -> None:
+    """Run `model(**inputs)` only up to (and including) `module`; outputs are read through hooks."""
+    with stop_after(module), contextlib.suppress(_StopForward):
+        model(**inputs, use_cache=False)
+
+
+class BlockRunner:
+    """Re-runs blocks of one recorded forward pass from modified hidden states.
+
+    `capture` runs the model once on a batch and stores, for the requested blocks, their input hidden state
+    `[batch, seq, d]` and the other arguments they were called with. `run(hidden, start, stop)` then computes
+    blocks `start .. stop-1` from `hidden` (the input of block `start`) and returns the output of block
+    `stop-1`, exactly as the full model would for that batch.
+    """
+
+    def __init__(self, model: nn.Module, spec: ModelSpec) -> None:
+        self.model = model
+        self.blocks = spec.blocks(model)
+        self._calls: dict[int, tuple[bool, tuple[Any, ...], dict[str, Any]]] = {}
+
+    def capture(self, blocks: range, stop_block: int, **inputs: Any) -> dict[int, torch.Tensor]:
+        """Forward `inputs` until the output of block `stop_block`; record the calls of `blocks`.
+
+        Returns the input hidden state `[batch, seq, d]` of every block in `blocks` (detached).
+        """
+        self._calls = {}
+        hidden_inputs: dict[int, torch.Tensor] = {}
+
+        def make_hook(index: int):
+            def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                positional = len(args) > 0
+                hidden = args[0] if positional else kwargs["hidden_states"]
+                rest_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                self._calls[index] = (positional, args[1:] if positional else args, rest_kwargs)
+                hidden_inputs[index] = hidden.detach()
+
+            return hook
+
+        handles = [self.blocks[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in blocks]
+        try:
+            with torch.no_grad():
+                run_until(self.model, self.blocks[stop_block], **inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return hidden_inputs
+
+    def run(self, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Output `[batch, seq, d]` of block `stop-1` given the input `hidden` of block `start`."""
+        for index in range(start, stop):
+            positional, args, kwargs = self._calls[index]
+            if positional:
+                output = self.blocks[index](hidden, *args, **kwargs)
+            else:
+                output = self.blocks[index](*args, hidden_states=hidden, **kwargs)
+            hidden = block_output_hidden(output)
+        return hidden
+
+
+def block_runner_error(model: nn.Module, spec: ModelSpec, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor) -> float:
+    """Largest relative difference between re-running all blocks and the model's own last block output.
+
+    Zero (or round-off) means `BlockRunner` is exact for this architecture; checked once per model.
+    """
+    runner = BlockRunner(model, spec)
+    outputs: dict[str, torch.Tensor] = {}
+    last = spec.num_layers - 1
+    handle = spec.block(model, last).register_forward_hook(
+        lambda _m, _a, out: outputs.__setitem__("last", block_output_hidden(out).detach()))
+    try:
+        inputs = runner.capture(range(spec.num_layers), last, input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        produced = runner.run(inputs[0], 0, spec.num_layers)
+    valid = attention_mask.bool()
+    expected = outputs["last"][valid].float()
+    return float((produced[valid].float() - expected).abs().max() / expected.abs().max().clamp_min(1e-6))

@@ -1,0 +1,8 @@
+"""AlphaEdit: closed-form updates projected onto the null space of preserved keys (ALGORITHMS.md §5.4)."""
+
+from ..base import register_method
+from .method import AlphaEdit
+
+register_method("alphaedit", None, AlphaEdit)
+
+__all__ = ["AlphaEdit"]

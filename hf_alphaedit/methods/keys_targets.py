@@ -1,0 +1,469 @@
+"""Shared, batched computation of context templates, target values `z` and keys `k` (ALGORITHMS.md §3–4).
+
+Everything here is exact with respect to the reference procedure; the speed comes from
+- optimising the targets of all requests of a batch at once, with one delta and one Adam state per request and
+  per-request early stopping (converged requests leave the batch, so they cost nothing afterwards);
+- running only the blocks above the z-layer during target optimisation (`BlockRunner`): the hidden states
+  below it do not depend on the delta;
+- computing vocabulary logits only at the positions the loss reads;
+- getting the keys of a layer and the z-layer outputs from one pass that starts at the last updated block.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..architectures import ModelSpec, block_output_hidden
+from ..arguments import CONTEXT_SEED_WORDS, ResolvedHyperparameters
+from ..forward import BlockRunner, run_until
+from ..requests import EditRequest
+
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+# Re-capture the lower blocks' outputs for the still-active requests once they are at most this share of the
+# captured batch: a partial forward is cheaper than carrying finished requests through every later step.
+_RECAPTURE_FRACTION = 2 / 3
+_KL_PROMPT = "{} is a"
+
+
+def generate_context_templates(model: nn.Module, tokenizer: Any, length: int, count: int,
+                               seed: int) -> list[str]:
+    """`["{}"]` plus `count` seeded top-5 samples of `length` tokens, each ending in `". {}"` (§3.1).
+
+    Samples start from the seed words "The", "Therefore", "Because", "I", "You"; special tokens are skipped
+    when decoding, and braces are replaced by spaces so the templates can be formatted safely.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    templates = ["{}"]
+    for word in CONTEXT_SEED_WORDS[:count]:
+        ids = tokenizer(word, return_tensors="pt")["input_ids"].to(device)
+        with torch.no_grad():
+            while ids.shape[1] < length:
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, -1]
+                logits = logits.float().cpu()
+                top = torch.topk(logits, 5)
+                choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
+                ids = torch.cat([ids, top.indices[choice].view(1, 1).to(device)], dim=1)
+        text = tokenizer.decode(ids[0], skip_special_tokens=True)
+        text = unicodedata.normalize("NFKD", text).replace("\n\n", " ").replace("<|endoftext|>", "")
+        templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
+    return templates
+
+
+def target_token_ids(tokenizer: Any, target: str) -> list[int]:
+    """Ids of `" " + target` without special tokens (a leading BOS/UNK id is dropped, as the reference does)."""
+    ids = tokenizer(" " + target.lstrip(" "), add_special_tokens=False)["input_ids"]
+    if ids and ids[0] in (tokenizer.bos_token_id, tokenizer.unk_token_id) and len(ids) > 1:
+        ids = ids[1:]
+    if not ids:
+        raise ValueError(f"target {target!r} encodes to no tokens")
+    return ids
+
+
+def encode_with_subject(tokenizer: Any, items: Sequence[tuple[str, str, str]],
+                        fact_token: str) -> list[tuple[list[int], int]]:
+    """Token ids of `prefix + subject + suffix` and the lookup position of the fact, for each item.
+
+    Positions come from the fast tokenizer's offset mapping (the last token overlapping the subject), so they
+    do not rely on `enc(prefix + subject)` being a token prefix of the whole prompt.
+    """
+    texts = [prefix + subject + suffix for prefix, subject, suffix in items]
+    encoded = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+    results = []
+    for (prefix, subject, suffix), ids, offsets in zip(items, encoded["input_ids"], encoded["offset_mapping"],
+                                                       strict=True):
+        start, end = len(prefix), len(prefix) + len(subject)
+        overlapping = [j for j, (a, b) in enumerate(offsets) if b > a and b > start and a < end]
+        if not overlapping:
+            raise ValueError(f"subject {subject!r} is not covered by any token of {texts[len(results)]!r}")
+        last_subject = overlapping[-1]
+        if fact_token == "subject_last":
+            lookup = last_subject
+        elif fact_token == "subject_first_after_last":
+            lookup = last_subject + 1 if suffix and last_subject + 1 < len(ids) else last_subject
+        else:
+            lookup = len(ids) - 1
+        results.append((list(ids), lookup))
+    return results
+
+
+@dataclass
+class _Sequence:
+    ids: list[int]
+    lookup: int
+    label_positions: list[int] = field(default_factory=list)  # logits positions scored against the target
+    kind: str = "rewrite"  # "rewrite" | "kl"
+
+
+@dataclass
+class TargetResult:
+    """Optimised target values and how the optimisation went, per request."""
+
+    values: torch.Tensor  # z = h_init + δ, [n, d] float32
+    initial_hidden: torch.Tensor  # h_init, [n, d] float32
+    losses: list[float]
+    steps: list[int]
+    target_probabilities: list[float]  # exp(-NLL): geometric-mean target token probability at the end
+
+
+def _pad(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+class TargetOptimizer:
+    """Batched target optimisation (§3.9), exactly equivalent to the reference's per-request loop.
+
+    Each request `r` gets a delta `δ_r` `[d]` added to the z-layer's output at its lookup position in all of its
+    prompts (six rewriting prompts and one KL prompt). Adam runs per row with its own step count, so a request
+    that stops early keeps its value and state, as it would in its own loop.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, spec: ModelSpec, hparams: ResolvedHyperparameters,
+                 templates: Sequence[str], *, batch_tokens: int = 4096, use_block_runner: bool = True,
+                 show_progress: bool = False) -> None:
+        self.model, self.tokenizer, self.spec, self.hparams = model, tokenizer, spec, hparams
+        self.templates = list(templates)
+        self.batch_tokens = batch_tokens
+        self.use_block_runner = use_block_runner
+        self.show_progress = show_progress
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def sequences(self, request: EditRequest) -> tuple[list[_Sequence], list[int]]:
+        """The request's 6 rewriting prompts (+ all target tokens but the last) and its KL prompt."""
+        target = target_token_ids(self.tokenizer, request.target_new)
+        prefix, suffix = request.split_prompt()
+        items = [(template.split("{}")[0] + prefix, request.subject, suffix) for template in self.templates]
+        kl_prefix, kl_suffix = _KL_PROMPT.split("{}")
+        items.append((kl_prefix, request.subject, kl_suffix))
+        encoded = encode_with_subject(self.tokenizer, items, self.hparams.fact_token)
+        sequences = []
+        for ids, lookup in encoded[:-1]:
+            start = len(ids) - 1
+            sequences.append(_Sequence(ids + target[:-1], lookup, list(range(start, start + len(target)))))
+        kl_ids, kl_lookup = encoded[-1]
+        sequences.append(_Sequence(kl_ids, kl_lookup, [kl_lookup], kind="kl"))
+        return sequences, target
+
+    def optimize(self, requests: Sequence[EditRequest]) -> TargetResult:
+        """Targets `z` for all requests; requests are optimised in token-budgeted chunks (results identical)."""
+        prepared = [self.sequences(r) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: sum(len(s.ids) for s in prepared[i][0]))
+        chunks, current, tokens = [], [], 0
+        for i in order:
+            size = sum(len(s.ids) for s in prepared[i][0])
+            if current and tokens + size > self.batch_tokens:
+                chunks.append(current)
+                current, tokens = [], 0
+            current.append(i)
+            tokens += size
+        if current:
+            chunks.append(current)
+        d = self.spec.hidden_size
+        values = torch.zeros(len(requests), d)
+        initial = torch.zeros(len(requests), d)
+        losses, steps, probs = [0.0] * len(requests), [0] * len(requests), [0.0] * len(requests)
+        with tqdm(total=len(requests), desc="targets", unit="req", disable=not self.show_progress) as bar:
+            for chunk in chunks:
+                result = self._optimize_chunk([prepared[i] for i in chunk])
+                for row, i in enumerate(chunk):
+                    values[i], initial[i] = result.values[row], result.initial_hidden[row]
+                    losses[i], steps[i] = result.losses[row], result.steps[row]
+                    probs[i] = result.target_probabilities[row]
+                bar.update(len(chunk))
+        return TargetResult(values, initial, losses, steps, probs)
+
+    def _optimize_chunk(self, prepared: list[tuple[list[_Sequence], list[int]]]) -> TargetResult:
+        hp = self.hparams
+        n, d = len(prepared), self.spec.hidden_size
+        delta = torch.zeros(n, d, dtype=torch.float32, device=self.device)
+        adam_m, adam_v = torch.zeros_like(delta), torch.zeros_like(delta)
+        adam_steps = torch.zeros(n, dtype=torch.long)
+        active = torch.ones(n, dtype=torch.bool)
+        final_loss = torch.zeros(n)
+        final_nll = torch.zeros(n)
+        iterations = torch.zeros(n, dtype=torch.long)
+        h_init = torch.zeros(n, d, dtype=torch.float32, device=self.device)
+        kl_reference: torch.Tensor | None = None
+        learning_rate = torch.zeros(n, dtype=torch.float32, device=self.device)
+        batch: _Batch | None = None
+        for it in range(hp.v_num_grad_steps):
+            if batch is None or int(active[batch.rows].sum()) <= _RECAPTURE_FRACTION * len(batch.rows):
+                batch = self._capture(prepared, active.nonzero().flatten().tolist())
+                if it == 0:
+                    h_init = batch.hidden_at_lookup().float()
+                    rms = h_init.norm(dim=1) / math.sqrt(d)
+                    learning_rate = rms * hp.v_lr_rms_factor if hp.v_lr is None else torch.full_like(rms, hp.v_lr)
+            rows = batch.rows
+            delta_rows = delta[rows].detach().requires_grad_(True)
+            log_probs = self._log_probs(batch, delta_rows)
+            nll = batch.nll(log_probs)
+            kl_log_probs = log_probs[batch.kl_positions]
+            if it == 0:
+                kl_reference = kl_log_probs.detach()
+                kl_reference_rows = rows
+            reference = kl_reference[_positions_of(kl_reference_rows, rows)]
+            kl = (kl_log_probs.exp() * (kl_log_probs - reference)).sum(-1)
+            h_norm = h_init[rows].norm(dim=1)
+            weight_decay = hp.v_weight_decay * delta_rows.norm(dim=1) / h_norm**2
+            loss = nll + hp.kl_factor * kl + weight_decay
+            loss_values = loss.detach().cpu()
+            # Requests that stopped earlier but are still in the captured batch keep their recorded results.
+            was_active = active[rows]
+            evaluated = torch.tensor(rows)[was_active]
+            final_loss[evaluated] = loss_values[was_active]
+            final_nll[evaluated] = nll.detach().cpu()[was_active]
+            iterations[evaluated] = it
+            still = was_active & (loss_values >= hp.v_early_stop_loss)
+            active[rows] = still
+            if not still.any() or it == hp.v_num_grad_steps - 1:
+                break
+            (loss[still.to(loss.device)]).sum().backward()
+            train = torch.tensor(rows)[still]
+            grad = delta_rows.grad[still.to(self.device)]
+            adam_steps[train] += 1
+            adam_m[train] = _ADAM_BETAS[0] * adam_m[train] + (1 - _ADAM_BETAS[0]) * grad
+            adam_v[train] = _ADAM_BETAS[1] * adam_v[train] + (1 - _ADAM_BETAS[1]) * grad * grad
+            step = adam_steps[train].to(torch.float64)
+            bias1 = (1 - _ADAM_BETAS[0] ** step).to(self.device)
+            bias2 = (1 - _ADAM_BETAS[1] ** step).to(self.device)
+            denom = adam_v[train].sqrt() / bias2.sqrt().float()[:, None] + _ADAM_EPS
+            step_size = (learning_rate[train] / bias1.float())[:, None]
+            updated = delta[train] - step_size * adam_m[train] / denom
+            max_norm = hp.clamp_norm_factor * h_init[train].norm(dim=1, keepdim=True)
+            norm = updated.norm(dim=1, keepdim=True)
+            delta[train] = torch.where(norm > max_norm, updated * max_norm / norm, updated)
+        return TargetResult(
+            values=(h_init + delta).detach().cpu(), initial_hidden=h_init.cpu(),
+            losses=final_loss.tolist(), steps=iterations.tolist(),
+            target_probabilities=torch.exp(-final_nll).tolist())
+
+    def _capture(self, prepared: list[tuple[list[_Sequence], list[int]]], rows: list[int]) -> _Batch:
+        sequences, owners, targets = [], [], []
+        for row in rows:
+            seqs, target = prepared[row]
+            sequences.extend(seqs)
+            owners.extend([row] * len(seqs))
+            targets.extend([target] * len(seqs))
+        input_ids, attention_mask = _pad([s.ids for s in sequences], self.pad_id, self.device)
+        batch = _Batch(rows, sequences, owners, targets, input_ids, attention_mask, self.device)
+        z_layer, num_layers = self.hparams.z_layer, self.spec.num_layers
+        if self.use_block_runner:
+            runner = BlockRunner(self.model, self.spec)
+            # The input of block z+1 is the z-layer output; for z = N-1 there is no block above, so capture the
+            # z-layer output with a hook instead.
+            outputs: dict[str, torch.Tensor] = {}
+            handle = self.spec.block(self.model, z_layer).register_forward_hook(
+                lambda _m, _a, out: outputs.__setitem__("z", block_output_hidden(out).detach()))
+            try:
+                runner.capture(range(z_layer + 1, num_layers), num_layers - 1, input_ids=input_ids,
+                               attention_mask=attention_mask)
+            finally:
+                handle.remove()
+            batch.z_output = outputs["z"]
+            batch.runner = runner
+        else:
+            batch.z_output = self._full_forward(batch, None, capture_z=True)
+        return batch
+
+    def _log_probs(self, batch: _Batch, delta_rows: torch.Tensor) -> torch.Tensor:
+        """Log-softmax `[positions, vocab]` (float32) at every position the losses read."""
+        if batch.runner is not None:
+            hidden = batch.with_delta(batch.z_output, delta_rows)
+            last = batch.runner.run(hidden, self.hparams.z_layer + 1, self.spec.num_layers)
+        else:
+            last = self._full_forward(batch, delta_rows)
+        gathered = last[batch.position_rows, batch.position_cols]
+        return torch.log_softmax(self.spec.logits(self.model, gathered).float(), dim=-1)
+
+    def _full_forward(self, batch: _Batch, delta_rows: torch.Tensor | None, capture_z: bool = False) -> torch.Tensor:
+        """Fallback without `BlockRunner`: the whole model, with δ added by a hook on the z-layer block."""
+        outputs: dict[str, torch.Tensor] = {}
+
+        def add_delta(_m: nn.Module, _a: Any, out: Any) -> Any:
+            hidden = block_output_hidden(out)
+            if capture_z:
+                outputs["z"] = hidden.detach()
+            if delta_rows is None:
+                return out
+            hidden = batch.with_delta(hidden, delta_rows)
+            return (hidden, *out[1:]) if isinstance(out, (tuple, list)) else hidden
+
+        def keep_last(_m: nn.Module, _a: Any, out: Any) -> None:
+            outputs["last"] = block_output_hidden(out)
+
+        last_block = self.spec.block(self.model, self.spec.num_layers - 1)
+        handles = [self.spec.block(self.model, self.hparams.z_layer).register_forward_hook(add_delta),
+                   last_block.register_forward_hook(keep_last)]
+        try:
+            with torch.set_grad_enabled(delta_rows is not None):
+                run_until(self.model, last_block, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs["z"] if capture_z else outputs["last"]
+
+
+def _positions_of(reference_rows: list[int], rows: list[int]) -> list[int]:
+    index = {row: i for i, row in enumerate(reference_rows)}
+    return [index[row] for row in rows]
+
+
+class _Batch:
+    """Padded sequences of a set of requests plus index tensors for injecting δ and reading losses."""
+
+    def __init__(self, rows: list[int], sequences: list[_Sequence], owners: list[int], targets: list[list[int]],
+                 input_ids: torch.Tensor, attention_mask: torch.Tensor, device: torch.device) -> None:
+        self.rows = rows
+        self.input_ids, self.attention_mask = input_ids, attention_mask
+        self.runner: BlockRunner | None = None
+        self.z_output: torch.Tensor | None = None
+        local = {row: i for i, row in enumerate(rows)}
+        self.seq_owner = torch.tensor([local[o] for o in owners], device=device)
+        self.lookup = torch.tensor([s.lookup for s in sequences], device=device)
+        self.first_prompt = torch.tensor([i for i, s in enumerate(sequences)
+                                          if s.kind == "rewrite" and (i == 0 or owners[i - 1] != owners[i])],
+                                         device=device)
+        position_rows, position_cols, label_ids, label_owner, label_seq = [], [], [], [], []
+        kl_positions, seqs_per_owner = [], torch.zeros(len(rows))
+        for i, s in enumerate(sequences):
+            if s.kind == "kl":
+                kl_positions.append(len(position_rows))
+                position_rows.append(i)
+                position_cols.append(s.lookup)
+                continue
+            seqs_per_owner[local[owners[i]]] += 1
+            for position, token in zip(s.label_positions, targets[i], strict=True):
+                position_rows.append(i)
+                position_cols.append(position)
+                label_ids.append(token)
+                label_owner.append(local[owners[i]])
+                label_seq.append(i)
+        self.position_rows = torch.tensor(position_rows, device=device)
+        self.position_cols = torch.tensor(position_cols, device=device)
+        self.kl_positions = torch.tensor(kl_positions, device=device)
+        kl_set = set(kl_positions)
+        self.label_index = torch.tensor([j for j in range(len(position_rows)) if j not in kl_set], device=device)
+        self.label_ids = torch.tensor(label_ids, device=device)
+        self.label_owner = torch.tensor(label_owner, device=device)
+        # Each label's weight in its request's NLL: 1 / (target length · number of rewriting prompts).
+        target_lengths = torch.tensor([len(targets[i]) for i in label_seq], dtype=torch.float32)
+        self.label_weight = (1.0 / (target_lengths * seqs_per_owner[label_owner])).to(device)
+
+    def with_delta(self, hidden: torch.Tensor, delta_rows: torch.Tensor) -> torch.Tensor:
+        """`hidden` `[seqs, seq_len, d]` with δ of each sequence's request added at its lookup position."""
+        addition = torch.zeros_like(hidden)
+        addition = addition.index_put((torch.arange(len(self.lookup), device=hidden.device), self.lookup),
+                                      delta_rows[self.seq_owner].to(hidden.dtype))
+        return hidden + addition
+
+    def hidden_at_lookup(self) -> torch.Tensor:
+        """z-layer output at the lookup position of each request's first ("{}") prompt, `[requests, d]`."""
+        return self.z_output[self.first_prompt, self.lookup[self.first_prompt]]
+
+    def nll(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """Per-request mean over rewriting prompts of the mean target-token NLL, `[requests]`."""
+        token_log_probs = log_probs[self.label_index].gather(1, self.label_ids[:, None]).squeeze(1)
+        per_request = torch.zeros(len(self.rows), device=log_probs.device, dtype=log_probs.dtype)
+        return per_request.index_add(0, self.label_owner, -token_log_probs * self.label_weight)
+
+
+class LayerKeyReader:
+    """Keys at each edited layer and z-layer outputs on the raw prompts, for one batch of requests (§4, §5.1).
+
+    Layers are read in ascending order, each after the layers below it were updated. The pass for layer `l_i`
+    starts at block `l_{i-1}` (the only block changed since the previous pass) from that block's input recorded
+    in the previous pass, and ends at the z-layer, instead of running the model from the embeddings.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, spec: ModelSpec, hparams: ResolvedHyperparameters,
+                 templates: Sequence[str], requests: Sequence[EditRequest], *, use_block_runner: bool = True) -> None:
+        self.model, self.spec, self.hparams = model, spec, hparams
+        self.use_block_runner = use_block_runner
+        device = next(model.parameters()).device
+        items, weights, owners, raw = [], [], [], []
+        n_context = len(templates) - 1
+        for r, request in enumerate(requests):
+            prefix, suffix = request.split_prompt()
+            for t, template in enumerate(templates):
+                items.append((template.split("{}")[0] + prefix, request.subject, suffix))
+                # Mean of the group means: the raw prompt is one group, the context templates the other.
+                weights.append((1.0 if n_context == 0 else 0.5) if t == 0 else 0.5 / n_context)
+                owners.append(r)
+                if t == 0:
+                    raw.append(len(items) - 1)
+        encoded = encode_with_subject(tokenizer, items, hparams.fact_token)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.input_ids, self.attention_mask = _pad([ids for ids, _ in encoded], pad_id, device)
+        self.lookup = torch.tensor([lookup for _, lookup in encoded], device=device)
+        self.rows = torch.arange(len(encoded), device=device)
+        self.weights = torch.tensor(weights, device=device)
+        self.owners = torch.tensor(owners, device=device)
+        self.raw = torch.tensor(raw, device=device)
+        self.n_requests = len(requests)
+        self._runner = BlockRunner(model, spec) if use_block_runner else None
+        self._resume: tuple[int, torch.Tensor] | None = None
+
+    def read(self, layer_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys `[n, d_k]` at edited layer number `layer_position` and z-layer outputs `[n, d]` (float32)."""
+        layers, z_layer = self.hparams.layers, self.hparams.z_layer
+        layer = layers[layer_position]
+        captured: dict[str, torch.Tensor] = {}
+        key_handle = self.spec.rewrite_module(self.model, layer).register_forward_pre_hook(
+            lambda _m, args: captured.__setitem__("keys", args[0][self.rows, self.lookup].detach()))
+        try:
+            if self._runner is None:
+                self._forward_to_z(captured)
+            elif self._resume is None:
+                with _capture_block_output(self.spec.block(self.model, z_layer), captured):
+                    inputs = self._runner.capture(range(layers[0], z_layer + 1), z_layer,
+                                                  input_ids=self.input_ids, attention_mask=self.attention_mask)
+                self._resume = (layers[0], inputs[layers[0]])
+            else:
+                start, hidden = self._resume
+                with torch.no_grad():
+                    hidden = self._runner.run(hidden, start, layer)
+                    self._resume = (layer, hidden)
+                    captured["z"] = self._runner.run(hidden, layer, z_layer + 1)
+        finally:
+            key_handle.remove()
+        return self._reduce(captured["keys"]), captured["z"][self.raw, self.lookup[self.raw]].float()
+
+    def _forward_to_z(self, captured: dict[str, torch.Tensor]) -> None:
+        z_block = self.spec.block(self.model, self.hparams.z_layer)
+        with _capture_block_output(z_block, captured), torch.no_grad():
+            run_until(self.model, z_block, input_ids=self.input_ids, attention_mask=self.attention_mask)
+
+    def _reduce(self, keys: torch.Tensor) -> torch.Tensor:
+        weighted = keys.float() * self.weights[:, None]
+        reduced = torch.zeros(self.n_requests, keys.shape[1], device=keys.device)
+        return reduced.index_add(0, self.owners, weighted)
+
+
+class _capture_block_output:
+    """Context manager storing a block's output hidden state as `captured["z"]`."""
+
+    def __init__(self, block: nn.Module, captured: dict[str, torch.Tensor]) -> None:
+        self.block, self.captured = block, captured
+
+    def __enter__(self) -> None:
+        self.handle = self.block.register_forward_hook(
+            lambda _m, _a, out: self.captured.__setitem__("z", block_output_hidden(out).detach()))
+
+    def __exit__(self, *_: Any) -> None:
+        self.handle.remove()

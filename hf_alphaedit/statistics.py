@@ -1,0 +1,186 @@
+"""Key statistics: the uncentered second moment of the edited modules' inputs on generic text.
+
+One streaming pass collects every edited layer at once: a pre-hook on each edited module accumulates
+`Σ k kᵀ` over the non-padding tokens, and the forward stops right after the deepest edited module. Samples are
+sorted by length and packed under a token budget, so padding is a few percent instead of the reference's ~60%.
+Sums are kept in float64 together with token counts, so statistics from shards or corpora merge by addition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .architectures import ModelSpec
+from .forward import run_until
+
+# Partial sums are formed in float32 matrix products (fast) and flushed into float64 every this many tokens,
+# which keeps the accumulated moment accurate to ~1e-7 relative even over 10^8 tokens.
+_FLUSH_TOKENS = 32768
+
+
+@dataclass
+class KeyStatistics:
+    """Per-layer `Σ k kᵀ` (`[d_k, d_k]`, float64) and token counts of the edited modules' inputs."""
+
+    sums: dict[int, torch.Tensor]
+    counts: dict[int, int]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.sums)
+
+    def second_moment(self, layer: int) -> torch.Tensor:
+        """Mean `E[k kᵀ]` `[d_k, d_k]` (float64) over all collected tokens of `layer`."""
+        if layer not in self.sums:
+            raise KeyError(f"no key statistics for layer {layer}; collected layers: {self.layers}")
+        return self.sums[layer] / self.counts[layer]
+
+    def merge(self, other: KeyStatistics) -> KeyStatistics:
+        """Statistics of the union of both samples (layers must match)."""
+        if self.layers != other.layers:
+            raise ValueError(f"cannot merge statistics of layers {self.layers} with layers {other.layers}")
+        return KeyStatistics(
+            sums={layer: self.sums[layer] + other.sums[layer].to(self.sums[layer]) for layer in self.layers},
+            counts={layer: self.counts[layer] + other.counts[layer] for layer in self.layers},
+            metadata={**self.metadata, "merged_with": other.metadata},
+        )
+
+    def subset(self, layers: Sequence[int]) -> KeyStatistics:
+        return KeyStatistics({k: self.sums[k] for k in layers}, {k: self.counts[k] for k in layers},
+                             dict(self.metadata))
+
+
+def collect_key_statistics(
+    model: nn.Module,
+    tokenizer: Any,
+    spec: ModelSpec,
+    layers: Sequence[int],
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    batch_tokens: int = 8192,
+    show_progress: bool = True,
+) -> KeyStatistics:
+    """One forward pass over `texts` collecting `Σ k kᵀ` for every layer in `layers`.
+
+    Each text is tokenised on its own (with the tokenizer's special tokens) and truncated to `max_length`.
+    Works for any model dtype; products are formed in float32 and accumulated in float64.
+    """
+    layers = sorted(layers)
+    encoded = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    sequences = sorted((ids for ids in encoded if ids), key=len, reverse=True)
+    batches = _pack_by_token_budget(sequences, batch_tokens)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    d_k = spec.key_size
+    partial = {layer: torch.zeros(d_k, d_k, dtype=torch.float32, device=device) for layer in layers}
+    sums = {layer: torch.zeros(d_k, d_k, dtype=torch.float64, device=device) for layer in layers}
+    counts = dict.fromkeys(layers, 0)
+    pending_tokens = 0
+    mask_holder: dict[str, torch.Tensor] = {}
+
+    def make_hook(layer: int):
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            keys = args[0][mask_holder["mask"]].float()
+            partial[layer].addmm_(keys.T, keys)
+
+        return hook
+
+    handles = [spec.rewrite_module(model, layer).register_forward_pre_hook(make_hook(layer)) for layer in layers]
+    deepest = spec.rewrite_module(model, layers[-1])
+    total_tokens = sum(len(s) for s in sequences)
+    try:
+        with torch.inference_mode(), tqdm(total=total_tokens, unit="tok", desc="key statistics",
+                                          disable=not show_progress) as bar:
+            for batch in batches:
+                input_ids, attention_mask = _right_pad(batch, pad_id, device)
+                mask_holder["mask"] = attention_mask.bool()
+                run_until(model, deepest, input_ids=input_ids, attention_mask=attention_mask)
+                n_tokens = int(attention_mask.sum())
+                for layer in layers:
+                    counts[layer] += n_tokens
+                pending_tokens += n_tokens
+                if pending_tokens >= _FLUSH_TOKENS:
+                    _flush(partial, sums)
+                    pending_tokens = 0
+                bar.update(n_tokens)
+            _flush(partial, sums)
+    finally:
+        for handle in handles:
+            handle.remove()
+    padded = sum(len(b) * len(b[0]) for b in batches)
+    metadata = {"samples": len(sequences), "tokens": total_tokens, "padded_tokens": padded,
+                "max_length": max_length, "model_dtype": str(next(model.parameters()).dtype)}
+    return KeyStatistics({k: v.cpu() for k, v in sums.items()}, counts, metadata)
+
+
+def _flush(partial: dict[int, torch.Tensor], sums: dict[int, torch.Tensor]) -> None:
+    for layer, value in partial.items():
+        sums[layer] += value.double()
+        value.zero_()
+
+
+def _pack_by_token_budget(sequences: list[list[int]], batch_tokens: int) -> list[list[list[int]]]:
+    """Greedy packing of length-sorted (longest first) sequences under a padded-size budget."""
+    batches: list[list[list[int]]] = []
+    current: list[list[int]] = []
+    for ids in sequences:
+        longest = len(current[0]) if current else len(ids)
+        if current and longest * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(ids)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _right_pad(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def statistics_cache_key(**parts: Any) -> str:
+    """Stable short hash of everything that determines a layer's statistics."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def save_layer_statistics(path: Path, stats: KeyStatistics, layer: int) -> None:
+    """Write one layer's sum and count atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    metadata = {"count": str(stats.counts[layer]), "layer": str(layer),
+                "metadata": json.dumps(stats.metadata, default=str)}
+    save_file({"sum": stats.sums[layer].contiguous()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_layer_statistics(path: Path) -> tuple[torch.Tensor, int, dict[str, Any]]:
+    """Read one layer's `(sum [d_k, d_k] float64, token count, metadata)` written by `save_layer_statistics`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata() or {}
+    tensors = load_file(str(path))
+    total = tensors["sum"]
+    if not torch.isfinite(total).all():
+        raise ValueError(f"key statistics file {path} contains NaN or Inf values; delete it to recompute.")
+    return total, int(header["count"]), json.loads(header.get("metadata", "{}"))
