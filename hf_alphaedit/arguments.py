@@ -9,9 +9,11 @@ reference files of the official AlphaEdit code (`preset="reference"`) or from ru
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -49,7 +51,7 @@ REFERENCE_FILES: dict[str, _ReferenceFile] = {
 _FAMILY_REFERENCE = {"gpt2": "gpt2-xl", "gptj": "gpt-j-6b", "gpt_neox": "gpt2-xl", "opt": "gpt2-xl", "falcon": "gpt2-xl"}
 
 AUTO_V_NUM_GRAD_STEPS = 60
-AUTO_V_LR_RMS_FACTOR = 0.1
+AUTO_V_LR_RMS_FACTOR = 1.0
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -128,16 +130,11 @@ class EditingArguments:
 
     def __post_init__(self) -> None:
         # HfArgumentParser.parse_dict / JSON / YAML do no type conversion ('1e-4' stays a string).
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            if f.type in ("float | None", "float"):
-                setattr(self, f.name, _coerce(f.name, value, float))
-            elif f.type in ("int | None", "int"):
-                setattr(self, f.name, _coerce(f.name, value, int))
-            elif f.type == "bool":
-                setattr(self, f.name, _coerce_bool(f.name, value))
+        # (Field kinds come from the resolved type hints: HfArgumentParser rewrites `Field.type` in place.)
+        for name, kind in _scalar_field_kinds().items():
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, _coerce_bool(name, value) if kind is bool else _coerce(name, value, kind))
         if self.layers is not None:
             if isinstance(self.layers, (int, str)):
                 self.layers = [self.layers]
@@ -216,9 +213,9 @@ class EditingArguments:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict; fields ending in `_token` are masked as in `TrainingArguments`."""
-        return {f.name: ("<HUB_TOKEN>" if f.name.endswith("_token") and getattr(self, f.name) else
-                         getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """JSON-ready dict; Hub tokens (fields named `token` or ending in `hub_token`) are masked."""
+        return {f.name: ("<HUB_TOKEN>" if _is_secret(f.name) and getattr(self, f.name) else getattr(self, f.name))
+                for f in dataclasses.fields(self)}
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -270,6 +267,21 @@ class ResolvedHyperparameters:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@functools.cache
+def _scalar_field_kinds() -> dict[str, type]:
+    """`{field name: float | int | bool}` for the scalar fields of `EditingArguments` (optional or not)."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(EditingArguments).items():
+        options = set(typing.get_args(hint)) - {type(None)} or {hint}
+        if len(options) == 1 and (kind := options.pop()) in (float, int, bool):
+            kinds[name] = kind
+    return kinds
+
+
+def _is_secret(name: str) -> bool:
+    return name == "token" or name.endswith("hub_token")
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

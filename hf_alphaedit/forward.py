@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import Cache
 
 from .architectures import ModelSpec, block_output_hidden
 
@@ -41,7 +42,7 @@ def stop_after(module: nn.Module) -> Iterator[None]:
 def run_until(model: nn.Module, module: nn.Module, **inputs: Any) -> None:
     """Run `model(**inputs)` only up to (and including) `module`; outputs are read through hooks."""
     with stop_after(module), contextlib.suppress(_StopForward):
-        model(**inputs, use_cache=False)
+        model(**{"use_cache": False, **inputs})
 
 
 class BlockRunner:
@@ -85,35 +86,23 @@ class BlockRunner:
                 handle.remove()
         return hidden_inputs
 
-    def run(self, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Output `[batch, seq, d]` of block `stop-1` given the input `hidden` of block `start`."""
+    def run(self, hidden: torch.Tensor, start: int, stop: int,
+            overrides: dict[str, Any] | None = None) -> torch.Tensor:
+        """Output `[batch, seq, d]` of block `stop-1` given the input `hidden` of block `start`.
+
+        `overrides` replaces recorded arguments of a block's call: keyword arguments of the same name, and for
+        `past_key_values` also a cache passed positionally.
+        """
         for index in range(start, stop):
             positional, args, kwargs = self._calls[index]
+            if overrides:
+                kwargs = {**kwargs, **{k: v for k, v in overrides.items() if k in kwargs}}
+                cache = overrides.get("past_key_values")
+                if cache is not None:  # some blocks (GPT-2, GPT-J, Falcon) receive the cache positionally
+                    args = tuple(cache if isinstance(a, Cache) else a for a in args)
             if positional:
                 output = self.blocks[index](hidden, *args, **kwargs)
             else:
                 output = self.blocks[index](*args, hidden_states=hidden, **kwargs)
             hidden = block_output_hidden(output)
         return hidden
-
-
-def block_runner_error(model: nn.Module, spec: ModelSpec, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor) -> float:
-    """Largest relative difference between re-running all blocks and the model's own last block output.
-
-    Zero (or round-off) means `BlockRunner` is exact for this architecture; checked once per model.
-    """
-    runner = BlockRunner(model, spec)
-    outputs: dict[str, torch.Tensor] = {}
-    last = spec.num_layers - 1
-    handle = spec.block(model, last).register_forward_hook(
-        lambda _m, _a, out: outputs.__setitem__("last", block_output_hidden(out).detach()))
-    try:
-        inputs = runner.capture(range(spec.num_layers), last, input_ids=input_ids, attention_mask=attention_mask)
-    finally:
-        handle.remove()
-    with torch.no_grad():
-        produced = runner.run(inputs[0], 0, spec.num_layers)
-    valid = attention_mask.bool()
-    expected = outputs["last"][valid].float()
-    return float((produced[valid].float() - expected).abs().max() / expected.abs().max().clamp_min(1e-6))

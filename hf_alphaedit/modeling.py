@@ -18,9 +18,9 @@ from . import __version__
 from .architectures import ModelSpec, resolve_model_spec
 from .arguments import EditingArguments
 from .corpus import corpus_fingerprint, load_corpus_texts
-from .forward import block_runner_error
 from .hub import DEFAULT_MODEL, ModelSource, load_model_and_tokenizer
 from .methods import EditContext, get_method_classes
+from .methods.keys_targets import ForwardMode, choose_forward_mode, generate_context_templates
 from .projection import NullSpaceProjector
 from .requests import EditRequest, as_edit_requests
 from .state import BatchRecord, EditState
@@ -93,7 +93,7 @@ class AlphaEditModel:
         self._statistics: dict[int, KeyStatistics] = {}
         self._method: Any = None
         self._masters: dict[int, torch.Tensor] = {}
-        self._use_block_runner: bool | None = None
+        self._forward_mode: ForwardMode | None = None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, editing_args: EditingArguments | None = None,
@@ -131,7 +131,7 @@ class AlphaEditModel:
         """The null-space projector AlphaEdit edits with."""
         projector = getattr(self.method, "projector", None)
         if projector is None:
-            raise AttributeError(f"method {self.editing_args.method!r} does not use a null-space projector")
+            raise ValueError(f"method {self.editing_args.method!r} does not use a null-space projector")
         return projector
 
     def edit(self, requests: EditRequest | Mapping | Iterable[EditRequest | Mapping], *,
@@ -148,8 +148,13 @@ class AlphaEditModel:
             self.editing_args.disable_tqdm = not show_progress
         result = EditResult()
         with self._editing_mode():
-            method = self.method
             self._ensure_context_templates()
+            if self._forward_mode is None:
+                self._forward_mode = choose_forward_mode(self.model, self.tokenizer, self.spec, self.hparams,
+                                                         self.state.context_templates, requests[:2])
+                if self._method is not None:
+                    self._method.context.forward_mode = self._forward_mode
+            method = self.method
             for batch in batches:
                 result.batches.append(self._edit_batch(method, batch))
         return result
@@ -176,30 +181,16 @@ class AlphaEditModel:
         return EditContext(
             model=self.model, tokenizer=self.tokenizer, spec=self.spec, hparams=self.hparams,
             context_templates=self.state.context_templates, statistics=self.key_statistics,
-            apply_delta=self._apply_delta, use_block_runner=self._block_runner_ok(),
+            apply_delta=self._apply_delta, forward_mode=self._forward_mode or "full",
             target_batch_tokens=self.editing_args.target_batch_tokens,
             show_progress=not self.editing_args.disable_tqdm)
 
     def _ensure_context_templates(self) -> None:
         if not self.state.context_templates:
-            from .methods.keys_targets import generate_context_templates
-
             hp = self.hparams
             self.state.context_templates.extend(generate_context_templates(
                 self.model, self.tokenizer, hp.context_template_length, hp.context_template_count,
                 self.editing_args.seed))
-
-    def _block_runner_ok(self) -> bool:
-        if self._use_block_runner is None:
-            probe = self.tokenizer(["The quick brown fox jumps over the lazy dog", "Paris is"],
-                                   return_tensors="pt", padding=True).to(self.device)
-            with torch.no_grad():
-                error = block_runner_error(self.model, self.spec, probe["input_ids"], probe["attention_mask"])
-            self._use_block_runner = error < 1e-4
-            if not self._use_block_runner:
-                logger.warning("re-running blocks is not exact for %s (relative error %.2g); editing uses full "
-                               "forward passes (slower, same results)", self.spec.model_type, error)
-        return self._use_block_runner
 
     # -- weights -----------------------------------------------------------------------------------------------
 

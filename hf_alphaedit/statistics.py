@@ -93,7 +93,8 @@ def collect_key_statistics(
 
     def make_hook(layer: int):
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            keys = args[0][mask_holder["mask"]].float()
+            mask = mask_holder["mask"]
+            keys = args[0].reshape(*mask.shape, -1)[mask].float()  # some models (OPT) flatten tokens
             partial[layer].addmm_(keys.T, keys)
 
         return hook

@@ -14,7 +14,7 @@ from ..architectures import ModelSpec
 from ..arguments import ResolvedHyperparameters
 from ..requests import EditRequest
 from ..statistics import KeyStatistics
-from .keys_targets import LayerKeyReader, TargetOptimizer
+from .keys_targets import ForwardMode, LayerKeyReader, TargetOptimizer
 
 
 @dataclass
@@ -28,7 +28,7 @@ class EditContext:
     context_templates: list[str]
     statistics: Callable[[Sequence[int]], KeyStatistics]  # layers -> key statistics (collected or cached)
     apply_delta: Callable[[int, torch.Tensor], None]  # (layer, ΔW [d, d_k]) -> adds it to the edited weight
-    use_block_runner: bool = True
+    forward_mode: ForwardMode = "prefix_cache"
     target_batch_tokens: int = 4096
     show_progress: bool = False
 
@@ -116,13 +116,13 @@ class LocateThenEditMethod:
         timings = {"targets": 0.0, "keys": 0.0, "solve": 0.0}
         start = time.perf_counter()
         targets = TargetOptimizer(ctx.model, ctx.tokenizer, ctx.spec, hp, ctx.context_templates,
-                                  batch_tokens=ctx.target_batch_tokens, use_block_runner=ctx.use_block_runner,
+                                  batch_tokens=ctx.target_batch_tokens, mode=ctx.forward_mode,
                                   show_progress=ctx.show_progress).optimize(requests)
         timings["targets"] = time.perf_counter() - start
         device = next(ctx.model.parameters()).device
         z = targets.values.to(device)
         reader = LayerKeyReader(ctx.model, ctx.tokenizer, ctx.spec, hp, ctx.context_templates, requests,
-                                use_block_runner=ctx.use_block_runner)
+                                use_block_runner=ctx.forward_mode != "full")
         updates = []
         for i, layer in enumerate(hp.layers):
             start = time.perf_counter()

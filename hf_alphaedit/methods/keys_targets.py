@@ -11,20 +11,24 @@ Everything here is exact with respect to the reference procedure; the speed come
 
 from __future__ import annotations
 
+import logging
 import math
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from ..architectures import ModelSpec, block_output_hidden
 from ..arguments import CONTEXT_SEED_WORDS, ResolvedHyperparameters
 from ..forward import BlockRunner, run_until
 from ..requests import EditRequest
+
+logger = logging.getLogger(__name__)
 
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
@@ -32,6 +36,12 @@ _ADAM_EPS = 1e-8
 # captured batch: a partial forward is cheaper than carrying finished requests through every later step.
 _RECAPTURE_FRACTION = 2 / 3
 _KL_PROMPT = "{} is a"
+_MODE_TOLERANCE = 1e-3
+
+ForwardMode = Literal["prefix_cache", "blocks", "full"]
+"""How target optimisation runs the model at each step, fastest first: only the tokens from the lookup position
+on through the blocks above the z-layer, with a cache of the earlier tokens (`prefix_cache`); all tokens
+through the blocks above the z-layer (`blocks`); the whole model (`full`). All give the same results."""
 
 
 def generate_context_templates(model: nn.Module, tokenizer: Any, length: int, count: int,
@@ -134,12 +144,12 @@ class TargetOptimizer:
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, spec: ModelSpec, hparams: ResolvedHyperparameters,
-                 templates: Sequence[str], *, batch_tokens: int = 4096, use_block_runner: bool = True,
+                 templates: Sequence[str], *, batch_tokens: int = 4096, mode: ForwardMode = "prefix_cache",
                  show_progress: bool = False) -> None:
         self.model, self.tokenizer, self.spec, self.hparams = model, tokenizer, spec, hparams
         self.templates = list(templates)
         self.batch_tokens = batch_tokens
-        self.use_block_runner = use_block_runner
+        self.mode = mode
         self.show_progress = show_progress
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -187,6 +197,13 @@ class TargetOptimizer:
                     probs[i] = result.target_probabilities[row]
                 bar.update(len(chunk))
         return TargetResult(values, initial, losses, steps, probs)
+
+    def initial_log_probs(self, requests: Sequence[EditRequest]) -> torch.Tensor:
+        """Log-probabilities `[positions, vocab]` the loss reads at δ = 0 (to compare forward modes)."""
+        prepared = [self.sequences(r) for r in requests]
+        batch = self._capture(prepared, list(range(len(prepared))))
+        with torch.no_grad():
+            return self._log_probs(batch, torch.zeros(len(prepared), self.spec.hidden_size, device=self.device))
 
     def _optimize_chunk(self, prepared: list[tuple[list[_Sequence], list[int]]]) -> TargetResult:
         hp = self.hparams
@@ -254,38 +271,72 @@ class TargetOptimizer:
             target_probabilities=torch.exp(-final_nll).tolist())
 
     def _capture(self, prepared: list[tuple[list[_Sequence], list[int]]], rows: list[int]) -> _Batch:
+        """Run everything that does not depend on δ for the sequences of `rows` (requests of this chunk)."""
         sequences, owners, targets = [], [], []
         for row in rows:
             seqs, target = prepared[row]
             sequences.extend(seqs)
             owners.extend([row] * len(seqs))
             targets.extend([target] * len(seqs))
-        input_ids, attention_mask = _pad([s.ids for s in sequences], self.pad_id, self.device)
-        batch = _Batch(rows, sequences, owners, targets, input_ids, attention_mask, self.device)
+        mode = "blocks" if self.mode == "prefix_cache" and any(s.lookup == 0 for s in sequences) else self.mode
+        # In prefix mode every sequence is split at its lookup position: tokens before it never see δ, so their
+        # keys/values in every layer are computed once and only the rest is re-run at each step.
+        split = [s.lookup if mode == "prefix_cache" else 0 for s in sequences]
+        batch = _Batch(rows, sequences, owners, targets, split, self.device)
+        suffix_ids, suffix_mask = _pad([s.ids[k:] for s, k in zip(sequences, split, strict=True)], self.pad_id,
+                                       self.device)
+        inputs: dict[str, Any] = {"input_ids": suffix_ids, "attention_mask": suffix_mask}
+        if mode == "prefix_cache":
+            inputs = self._prefix_inputs(batch, sequences, split, suffix_ids, suffix_mask)
+        batch.inputs = inputs
         z_layer, num_layers = self.hparams.z_layer, self.spec.num_layers
-        if self.use_block_runner:
-            runner = BlockRunner(self.model, self.spec)
-            # The input of block z+1 is the z-layer output; for z = N-1 there is no block above, so capture the
-            # z-layer output with a hook instead.
-            outputs: dict[str, torch.Tensor] = {}
-            handle = self.spec.block(self.model, z_layer).register_forward_hook(
-                lambda _m, _a, out: outputs.__setitem__("z", block_output_hidden(out).detach()))
-            try:
-                runner.capture(range(z_layer + 1, num_layers), num_layers - 1, input_ids=input_ids,
-                               attention_mask=attention_mask)
-            finally:
-                handle.remove()
-            batch.z_output = outputs["z"]
-            batch.runner = runner
-        else:
+        if mode == "full":
             batch.z_output = self._full_forward(batch, None, capture_z=True)
+            return batch
+        runner = BlockRunner(self.model, self.spec)
+        captured: dict[str, torch.Tensor] = {}
+        with _capture_block_output(self.spec.block(self.model, z_layer), captured):
+            runner.capture(range(z_layer + 1, num_layers), num_layers - 1, **self._fresh(batch, inputs))
+        batch.z_output, batch.runner = captured["z"], runner
         return batch
+
+    def _prefix_inputs(self, batch: _Batch, sequences: list[_Sequence], split: list[int],
+                       suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> dict[str, Any]:
+        """Left-padded prefixes through the whole model into a cache; inputs for the suffixes that follow it."""
+        width = max(split)
+        prefix_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        prefix_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, (seq, k) in enumerate(zip(sequences, split, strict=True)):
+            prefix_ids[row, width - k:] = torch.tensor(seq.ids[:k])
+            prefix_mask[row, width - k:] = 1
+        prefix_ids, prefix_mask = prefix_ids.to(self.device), prefix_mask.to(self.device)
+        prefix_positions = (prefix_mask.cumsum(1) - 1).clamp_min(0)
+        cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            run_until(self.model, self.spec.block(self.model, self.spec.num_layers - 1), input_ids=prefix_ids,
+                      attention_mask=prefix_mask, position_ids=prefix_positions, past_key_values=cache,
+                      use_cache=True)
+        batch.prefix_cache = [(layer.keys, layer.values) for layer in cache.layers]
+        lengths = torch.tensor(split, device=self.device)[:, None]
+        suffix_positions = lengths + torch.arange(suffix_ids.shape[1], device=self.device)[None, :]
+        return {"input_ids": suffix_ids, "attention_mask": torch.cat([prefix_mask, suffix_mask], dim=1),
+                "position_ids": suffix_positions, "use_cache": True}
+
+    def _fresh(self, batch: _Batch, inputs: dict[str, Any]) -> dict[str, Any]:
+        """`inputs` with a new copy of the prefix cache (attention layers append to the cache they are given)."""
+        if batch.prefix_cache is None:
+            return inputs
+        cache = DynamicCache(config=self.model.config)
+        for index, (keys, values) in enumerate(batch.prefix_cache):
+            cache.update(keys, values, index)
+        return {**inputs, "past_key_values": cache}
 
     def _log_probs(self, batch: _Batch, delta_rows: torch.Tensor) -> torch.Tensor:
         """Log-softmax `[positions, vocab]` (float32) at every position the losses read."""
         if batch.runner is not None:
             hidden = batch.with_delta(batch.z_output, delta_rows)
-            last = batch.runner.run(hidden, self.hparams.z_layer + 1, self.spec.num_layers)
+            overrides = self._fresh(batch, {}) if batch.prefix_cache is not None else {}
+            last = batch.runner.run(hidden, self.hparams.z_layer + 1, self.spec.num_layers, overrides)
         else:
             last = self._full_forward(batch, delta_rows)
         gathered = last[batch.position_rows, batch.position_cols]
@@ -312,11 +363,35 @@ class TargetOptimizer:
                    last_block.register_forward_hook(keep_last)]
         try:
             with torch.set_grad_enabled(delta_rows is not None):
-                run_until(self.model, last_block, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                run_until(self.model, last_block, **batch.inputs)
         finally:
             for handle in handles:
                 handle.remove()
         return outputs["z"] if capture_z else outputs["last"]
+
+
+def choose_forward_mode(model: nn.Module, tokenizer: Any, spec: ModelSpec, hparams: ResolvedHyperparameters,
+                        templates: Sequence[str], probe: Sequence[EditRequest]) -> ForwardMode:
+    """The fastest forward mode that reproduces the full model's log-probabilities on `probe` requests.
+
+    The shortcuts rely on blocks taking everything but the hidden state as arguments and on the model's cache
+    handling; this checks both numerically once per model instead of trusting them per architecture.
+    """
+    def log_probs(mode: ForwardMode) -> torch.Tensor:
+        return TargetOptimizer(model, tokenizer, spec, hparams, templates, mode=mode).initial_log_probs(probe)
+
+    reference = log_probs("full")
+    for mode in ("prefix_cache", "blocks"):
+        try:
+            error = float((log_probs(mode) - reference).abs().max())
+        except Exception as exc:  # a model whose blocks or cache cannot be driven this way
+            logger.info("forward mode %s unavailable for %s: %s", mode, spec.model_type, exc)
+            continue
+        if error < _MODE_TOLERANCE:
+            return mode
+        logger.info("forward mode %s differs from the full model by %.2g for %s", mode, error, spec.model_type)
+    logger.warning("editing %s with full forward passes (slower, same results)", spec.model_type)
+    return "full"
 
 
 def _positions_of(reference_rows: list[int], rows: list[int]) -> list[int]:
@@ -325,17 +400,21 @@ def _positions_of(reference_rows: list[int], rows: list[int]) -> list[int]:
 
 
 class _Batch:
-    """Padded sequences of a set of requests plus index tensors for injecting δ and reading losses."""
+    """Padded sequences of a set of requests plus index tensors for injecting δ and reading losses.
+
+    Positions are relative to the part of each sequence that is run at every step (everything after `split`).
+    """
 
     def __init__(self, rows: list[int], sequences: list[_Sequence], owners: list[int], targets: list[list[int]],
-                 input_ids: torch.Tensor, attention_mask: torch.Tensor, device: torch.device) -> None:
+                 split: list[int], device: torch.device) -> None:
         self.rows = rows
-        self.input_ids, self.attention_mask = input_ids, attention_mask
+        self.inputs: dict[str, Any] = {}
         self.runner: BlockRunner | None = None
         self.z_output: torch.Tensor | None = None
+        self.prefix_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         local = {row: i for i, row in enumerate(rows)}
         self.seq_owner = torch.tensor([local[o] for o in owners], device=device)
-        self.lookup = torch.tensor([s.lookup for s in sequences], device=device)
+        self.lookup = torch.tensor([s.lookup - k for s, k in zip(sequences, split, strict=True)], device=device)
         self.first_prompt = torch.tensor([i for i, s in enumerate(sequences)
                                           if s.kind == "rewrite" and (i == 0 or owners[i - 1] != owners[i])],
                                          device=device)
@@ -345,12 +424,12 @@ class _Batch:
             if s.kind == "kl":
                 kl_positions.append(len(position_rows))
                 position_rows.append(i)
-                position_cols.append(s.lookup)
+                position_cols.append(s.lookup - split[i])
                 continue
             seqs_per_owner[local[owners[i]]] += 1
             for position, token in zip(s.label_positions, targets[i], strict=True):
                 position_rows.append(i)
-                position_cols.append(position)
+                position_cols.append(position - split[i])
                 label_ids.append(token)
                 label_owner.append(local[owners[i]])
                 label_seq.append(i)
@@ -425,7 +504,7 @@ class LayerKeyReader:
         layer = layers[layer_position]
         captured: dict[str, torch.Tensor] = {}
         key_handle = self.spec.rewrite_module(self.model, layer).register_forward_pre_hook(
-            lambda _m, args: captured.__setitem__("keys", args[0][self.rows, self.lookup].detach()))
+            lambda _m, args: captured.__setitem__("keys", self._at_lookup(args[0])))
         try:
             if self._runner is None:
                 self._forward_to_z(captured)
@@ -448,6 +527,11 @@ class LayerKeyReader:
         z_block = self.spec.block(self.model, self.hparams.z_layer)
         with _capture_block_output(z_block, captured), torch.no_grad():
             run_until(self.model, z_block, input_ids=self.input_ids, attention_mask=self.attention_mask)
+
+    def _at_lookup(self, module_input: torch.Tensor) -> torch.Tensor:
+        """The edited module's input at each sequence's lookup position, `[sequences, d_k]`."""
+        tokens = module_input.reshape(len(self.rows), -1, module_input.shape[-1])  # OPT flattens tokens
+        return tokens[self.rows, self.lookup].detach()
 
     def _reduce(self, keys: torch.Tensor) -> torch.Tensor:
         weighted = keys.float() * self.weights[:, None]

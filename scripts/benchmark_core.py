@@ -1,0 +1,123 @@
+"""Core-engine benchmark on the embedded SmolLM2-135M-Instruct (CPU by default). Not a test.
+
+    python scripts/benchmark_core.py [--statistics_samples 1000] [--batch_sizes 20 100] [--target_requests 10]
+
+Prints and writes JSON (`--output`, default benchmark_results/core.json) with
+(a) statistics-pass tokens/s vs a bare full forward and vs a forward truncated after the deepest edited module
+    over the same batches;
+(b) seconds per edit for one batch at each batch size, split into targets / keys / solve;
+(c) target optimisation: batched vs one request at a time (same fast forward), and vs one request at a time
+    through the whole model as the reference code runs it.
+All ratios come from one run on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from hf_alphaedit import AlphaEditModel, EditingArguments
+from hf_alphaedit.corpus import load_corpus_texts
+from hf_alphaedit.forward import run_until
+from hf_alphaedit.methods.keys_targets import TargetOptimizer
+from hf_alphaedit.requests import as_edit_requests
+from hf_alphaedit.statistics import _pack_by_token_budget, _right_pad, collect_key_statistics
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def benchmark_statistics(model: AlphaEditModel, samples: int) -> dict:
+    texts = load_corpus_texts(str(DATA / "wikitext-2" / "valid.txt"), samples)
+    layers, spec, args = list(model.hparams.layers), model.spec, model.editing_args
+    max_length = model._statistics_max_length()
+    encoded = model.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    batches = _pack_by_token_budget(sorted((e for e in encoded if e), key=len, reverse=True),
+                                    args.statistics_batch_tokens)
+    tokens = sum(len(s) for b in batches for s in b)
+    padded = sum(len(b) * len(b[0]) for b in batches)
+    pad_id = model.tokenizer.pad_token_id
+    padded_batches = [_right_pad(b, pad_id, model.device) for b in batches]
+    deepest = spec.rewrite_module(model.model, layers[-1])
+
+    def forward(truncated: bool) -> None:
+        with torch.inference_mode():
+            for ids, mask in padded_batches:
+                if truncated:
+                    run_until(model.model, deepest, input_ids=ids, attention_mask=mask)
+                else:
+                    model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    full = _timed(lambda: forward(False))
+    truncated = _timed(lambda: forward(True))
+    ours = _timed(lambda: collect_key_statistics(model.model, model.tokenizer, spec, layers, texts,
+                                                 max_length=max_length, batch_tokens=args.statistics_batch_tokens,
+                                                 show_progress=False))
+    return {"samples": len(texts), "layers": layers, "tokens": tokens, "padding_fraction": 1 - tokens / padded,
+            "tokens_per_s": {"statistics_pass": tokens / ours, "bare_full_forward": tokens / full,
+                             "truncated_forward": tokens / truncated},
+            "ratio_vs_truncated_forward": truncated / ours, "ratio_vs_full_forward": full / ours}
+
+
+def benchmark_edits(model: AlphaEditModel, records: list[dict], batch_size: int) -> dict:
+    original = {layer: model.spec.weight(model.model, layer).clone() for layer in model.hparams.layers}
+    result = model.edit(records[:batch_size], batch_size=batch_size)
+    batch = result.batches[0]
+    with torch.no_grad():
+        for layer, weight in original.items():
+            model.spec.weight(model.model, layer).copy_(weight)
+    return {"batch_size": batch_size, "seconds": batch.seconds, "seconds_per_edit": batch.seconds / batch_size,
+            "split_seconds": batch.timings, "mean_target_steps": sum(batch.target_steps) / batch_size,
+            "min_target_probability": min(batch.target_probabilities)}
+
+
+def benchmark_targets(model: AlphaEditModel, records: list[dict], count: int) -> dict:
+    requests = as_edit_requests(records[:count])
+    common = (model.model, model.tokenizer, model.spec, model.hparams, model.state.context_templates)
+    timings = {}
+    for name, kwargs in {"batched": {}, "per_request": {"batch_tokens": 1},
+                         "per_request_full_model": {"batch_tokens": 1, "mode": "full"}}.items():
+        optimizer = TargetOptimizer(*common, **kwargs)
+        with model._editing_mode():
+            timings[name] = _timed(lambda optimizer=optimizer: optimizer.optimize(requests))
+    return {"requests": count, "seconds": timings,
+            "speedup_batched_vs_per_request": timings["per_request"] / timings["batched"],
+            "speedup_batched_vs_per_request_full_model": timings["per_request_full_model"] / timings["batched"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--statistics_samples", type=int, default=1000)
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[20, 100])
+    parser.add_argument("--target_requests", type=int, default=10)
+    parser.add_argument("--output", default=str(ROOT / "benchmark_results" / "core.json"))
+    options = parser.parse_args()
+    args = EditingArguments(statistics_corpus=str(DATA / "wikitext-2" / "valid.txt"),
+                            statistics_samples=options.statistics_samples, disable_tqdm=True)
+    model = AlphaEditModel.from_pretrained(editing_args=args)
+    records = json.loads((DATA / "counterfact" / "counterfact-edit.json").read_text())[:max(options.batch_sizes)]
+    report = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
+                          "device": str(model.device)},
+              "statistics": benchmark_statistics(model, options.statistics_samples)}
+    print(json.dumps(report["statistics"], indent=2), flush=True)
+    report["edits"] = [benchmark_edits(model, records, size) for size in options.batch_sizes]
+    print(json.dumps(report["edits"], indent=2), flush=True)
+    report["targets"] = benchmark_targets(model, records, options.target_requests)
+    print(json.dumps(report["targets"], indent=2), flush=True)
+    Path(options.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(options.output).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
