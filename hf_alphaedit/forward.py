@@ -11,7 +11,7 @@ checks the equivalence numerically once per model.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +43,17 @@ def run_until(model: nn.Module, module: nn.Module, **inputs: Any) -> None:
     """Run `model(**inputs)` only up to (and including) `module`; outputs are read through hooks."""
     with stop_after(module), contextlib.suppress(_StopForward):
         model(**{"use_cache": False, **inputs})
+
+
+def right_pad(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded `input_ids` and `attention_mask`, both `[len(rows), longest]`."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    return input_ids.to(device), attention_mask.to(device)
 
 
 class BlockRunner:

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import ModelSpec
-from .forward import run_until
+from .forward import right_pad, run_until
 
 # Partial sums are formed in float32 matrix products (fast) and flushed into float64 every this many tokens,
 # which keeps the accumulated moment accurate to ~1e-7 relative even over 10^8 tokens.
@@ -106,7 +106,7 @@ def collect_key_statistics(
         with torch.inference_mode(), tqdm(total=total_tokens, unit="tok", desc="key statistics",
                                           disable=not show_progress) as bar:
             for batch in batches:
-                input_ids, attention_mask = _right_pad(batch, pad_id, device)
+                input_ids, attention_mask = right_pad(batch, pad_id, device)
                 mask_holder["mask"] = attention_mask.bool()
                 run_until(model, deepest, input_ids=input_ids, attention_mask=attention_mask)
                 n_tokens = int(attention_mask.sum())
@@ -146,16 +146,6 @@ def _pack_by_token_budget(sequences: list[list[int]], batch_tokens: int) -> list
     if current:
         batches.append(current)
     return batches
-
-
-def _right_pad(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids.to(device), attention_mask.to(device)
 
 
 def statistics_cache_key(**parts: Any) -> str:

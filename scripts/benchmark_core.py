@@ -23,10 +23,10 @@ import torch
 
 from hf_alphaedit import AlphaEditModel, EditingArguments
 from hf_alphaedit.corpus import load_corpus_texts
-from hf_alphaedit.forward import run_until
+from hf_alphaedit.forward import right_pad, run_until
 from hf_alphaedit.methods.keys_targets import TargetOptimizer
 from hf_alphaedit.requests import as_edit_requests
-from hf_alphaedit.statistics import _pack_by_token_budget, _right_pad, collect_key_statistics
+from hf_alphaedit.statistics import _pack_by_token_budget, collect_key_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -48,7 +48,7 @@ def benchmark_statistics(model: AlphaEditModel, samples: int) -> dict:
     tokens = sum(len(s) for b in batches for s in b)
     padded = sum(len(b) * len(b[0]) for b in batches)
     pad_id = model.tokenizer.pad_token_id
-    padded_batches = [_right_pad(b, pad_id, model.device) for b in batches]
+    padded_batches = [right_pad(b, pad_id, model.device) for b in batches]
     deepest = spec.rewrite_module(model.model, layers[-1])
 
     def forward(truncated: bool) -> None:

@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from ..architectures import ModelSpec, block_output_hidden
 from ..arguments import CONTEXT_SEED_WORDS, ResolvedHyperparameters
-from ..forward import BlockRunner, run_until
+from ..forward import BlockRunner, right_pad, run_until
 from ..requests import EditRequest
 
 logger = logging.getLogger(__name__)
@@ -123,16 +123,6 @@ class TargetResult:
     losses: list[float]
     steps: list[int]
     target_probabilities: list[float]  # exp(-NLL): geometric-mean target token probability at the end
-
-
-def _pad(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
 
 
 class TargetOptimizer:
@@ -283,7 +273,7 @@ class TargetOptimizer:
         # keys/values in every layer are computed once and only the rest is re-run at each step.
         split = [s.lookup if mode == "prefix_cache" else 0 for s in sequences]
         batch = _Batch(rows, sequences, owners, targets, split, self.device)
-        suffix_ids, suffix_mask = _pad([s.ids[k:] for s, k in zip(sequences, split, strict=True)], self.pad_id,
+        suffix_ids, suffix_mask = right_pad([s.ids[k:] for s, k in zip(sequences, split, strict=True)], self.pad_id,
                                        self.device)
         inputs: dict[str, Any] = {"input_ids": suffix_ids, "attention_mask": suffix_mask}
         if mode == "prefix_cache":
@@ -488,7 +478,7 @@ class LayerKeyReader:
                     raw.append(len(items) - 1)
         encoded = encode_with_subject(tokenizer, items, hparams.fact_token)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.input_ids, self.attention_mask = _pad([ids for ids, _ in encoded], pad_id, device)
+        self.input_ids, self.attention_mask = right_pad([ids for ids, _ in encoded], pad_id, device)
         self.lookup = torch.tensor([lookup for _, lookup in encoded], device=device)
         self.rows = torch.arange(len(encoded), device=device)
         self.weights = torch.tensor(weights, device=device)
