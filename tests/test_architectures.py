@@ -31,7 +31,7 @@ EXPECTED_PATHS = {
     "falcon": ("transformer.h.{}", "transformer.h.{}.mlp.dense_4h_to_h", "transformer.ln_f"),
 }
 GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}
-PROMPTS = ["The European lobster is a species of", "Homarus gammarus"]
+PROMPTS = ["The old lighthouse keeper climbed the stairs to", "Blue kites"]
 
 
 @functools.cache
