@@ -58,10 +58,10 @@ class EditState:
 
     def accumulated_delta(self, layer: int) -> torch.Tensor:
         """Sum of all batches' `ΔW` at `layer`, `[d, d_k]` float32."""
-        deltas = [u.delta for b in self.batches for u in b.layers if u.layer == layer]
-        if not deltas:
+        updates = [u for b in self.batches for u in b.layers if u.layer == layer]
+        if not updates:
             raise ValueError(f"no edits were applied at layer {layer}")
-        return torch.stack(deltas).sum(0)
+        return sum((u.delta for u in updates[1:]), updates[0].delta)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write `edit_state.safetensors` + `edit_state.json` into `directory`, each atomically."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -166,8 +167,6 @@ def save_layer_statistics(path: Path, stats: KeyStatistics, layer: int) -> None:
 
 def load_layer_statistics(path: Path) -> tuple[torch.Tensor, int, dict[str, Any]]:
     """Read one layer's `(sum [d_k, d_k] float64, token count, metadata)` written by `save_layer_statistics`."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         header = handle.metadata() or {}
     tensors = load_file(str(path))
