@@ -31,6 +31,16 @@ class EditContext:
     forward_mode: ForwardMode = "prefix_cache"
     target_batch_tokens: int = 4096
     show_progress: bool = False
+    # Optional constraint on every update before it is applied (e.g. the null-space projection of a method
+    # that does not solve in the null space itself); returns the update as it will be applied.
+    constrain_update: Callable[[LayerUpdate], LayerUpdate] | None = None
+
+    def apply_update(self, update: LayerUpdate) -> LayerUpdate:
+        """Constrain (if configured) and apply `update`; returns the update as applied."""
+        if self.constrain_update is not None:
+            update = self.constrain_update(update)
+        self.apply_delta(update.layer, update.delta)
+        return update
 
 
 @dataclass
@@ -132,7 +142,6 @@ class LocateThenEditMethod:
             residuals = (z - z_outputs) / (len(hp.layers) - i)
             right = self.solve(layer, keys, residuals).float()
             update = LayerUpdate(layer, residuals.T.contiguous().float(), right.contiguous(), keys.float())
-            ctx.apply_delta(layer, update.delta)
-            updates.append(update)
+            updates.append(ctx.apply_update(update))
             timings["solve"] += time.perf_counter() - start
         return BatchUpdate(updates, targets.losses, targets.steps, targets.target_probabilities, timings)
