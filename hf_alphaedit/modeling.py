@@ -183,6 +183,7 @@ class AlphaEditModel:
         return EditContext(
             model=self.model, tokenizer=self.tokenizer, spec=self.spec, hparams=self.hparams,
             context_templates=self.state.context_templates, statistics=self.key_statistics,
+            projector=self.null_space_projector,
             apply_delta=self._apply_delta, forward_mode=self._forward_mode or "full",
             target_batch_tokens=self.editing_args.target_batch_tokens,
             show_progress=not self.editing_args.disable_tqdm)
@@ -280,6 +281,12 @@ class AlphaEditModel:
         return KeyStatistics({layer: s.sums[layer] for layer, s in zip(layers, parts, strict=True)},
                              {layer: s.counts[layer] for layer, s in zip(layers, parts, strict=True)},
                              dict(parts[0].metadata) if parts else {})
+
+    def null_space_projector(self, layers: Sequence[int]) -> NullSpaceProjector:
+        """The null-space projector of `layers` for the run's threshold, built from the key statistics."""
+        hp = self.hparams
+        return NullSpaceProjector.from_statistics(self.key_statistics(layers), hp.nullspace_threshold,
+                                                  hp.nullspace_threshold_mode)
 
     def _statistics_max_length(self) -> int:
         if self.editing_args.statistics_max_length is not None:

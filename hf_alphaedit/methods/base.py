@@ -12,6 +12,7 @@ from torch import nn
 
 from ..architectures import ModelSpec
 from ..arguments import ResolvedHyperparameters
+from ..projection import NullSpaceProjector
 from ..requests import EditRequest
 from ..statistics import KeyStatistics
 from .keys_targets import ForwardMode, LayerKeyReader, TargetOptimizer
@@ -27,6 +28,8 @@ class EditContext:
     hparams: ResolvedHyperparameters
     context_templates: list[str]
     statistics: Callable[[Sequence[int]], KeyStatistics]  # layers -> key statistics (collected or cached)
+    # layers -> the null-space projector for the run's threshold (from a Hub/local artifact or the statistics)
+    projector: Callable[[Sequence[int]], NullSpaceProjector]
     apply_delta: Callable[[int, torch.Tensor], None]  # (layer, ΔW [d, d_k]) -> adds it to the edited weight
     forward_mode: ForwardMode = "prefix_cache"
     target_batch_tokens: int = 4096

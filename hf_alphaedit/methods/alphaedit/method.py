@@ -23,8 +23,7 @@ class AlphaEdit(LocateThenEditMethod):
         super().__init__(context, config)
         hp = context.hparams
         if projector is None:
-            projector = NullSpaceProjector.from_statistics(context.statistics(hp.layers), hp.nullspace_threshold,
-                                                           hp.nullspace_threshold_mode)
+            projector = context.projector(hp.layers)
         missing = sorted(set(hp.layers) - set(projector.layers))
         if missing:
             raise ValueError(f"the null-space projector has no layer(s) {missing}; it covers {projector.layers}.")
