@@ -298,6 +298,34 @@ class AlphaEditModel:
                 return min(value, _MAX_STATISTICS_LENGTH)
         return _MAX_STATISTICS_LENGTH
 
+    # -- evaluation --------------------------------------------------------------------------------------------
+
+    last_evaluation: dict[str, Any] | None = None
+
+    def evaluate(self, records_or_dataset: Any, *, baseline: bool | Mapping[str, Any] = False,
+                 **kwargs: Any) -> dict[str, Any]:
+        """CounterFact / ZsRE metrics of the model as it is now (`hf_alphaedit.evaluation.evaluate_edits`;
+        `kwargs` go there: `split`, `limit`, `generation`, `batch_tokens`, ...). Stored as `last_evaluation`.
+
+        `baseline=True` also scores the unedited model in the same call, reported under `"pre"`: every applied
+        edit is subtracted temporarily (its exact low-rank factors, up to float round-off) and the weights are
+        restored bit for bit afterwards. A mapping is taken as already computed pre-edit results.
+        """
+        from .evaluation import evaluate_edits
+
+        if baseline is True:
+            snapshot = self._snapshot()
+            try:
+                for layer in sorted({u.layer for batch in self.state.batches for u in batch.layers}):
+                    self._apply_delta(layer, -self.state.accumulated_delta(layer).to(self.device))
+                baseline = evaluate_edits(self.model, self.tokenizer, records_or_dataset, **kwargs)
+            finally:
+                self._restore(snapshot)
+        results = evaluate_edits(self.model, self.tokenizer, records_or_dataset,
+                                 baseline=baseline or None, **kwargs)
+        self.last_evaluation = results
+        return results
+
 
 def _method_config(method: str, config: Any) -> Any:
     """`config` checked against the config class registered for `method`, or that class's defaults."""
