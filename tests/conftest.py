@@ -1,18 +1,82 @@
-"""Shared fixtures: the shared data folder and the real SmolLM2 model (loaded once per session)."""
+"""Shared fixtures: the local Hub emulator, the shared data folder and the real SmolLM2 model.
+
+Every Hugging Face library in the test session talks to :class:`tests.hub_server.HubServer` on
+127.0.0.1, never to huggingface.co, and caches into a temporary ``HF_HOME`` removed at exit.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
 
-# Set before any Hugging Face library is imported: several of these are read only at import time.
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
-os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "false")
+import pytest
+
+from tests.hub_server import HubServer
+
+# Set before any Hugging Face library is imported: several of these are read only at import time
+# (HUB_INTEGRATION.md §0 and §1.4), and the endpoint is copied into constants by every library.
+_HUB = HubServer().start()
+_HF_HOME = tempfile.mkdtemp(prefix="hf_alphaedit_tests_hf_home_")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
+atexit.register(_HUB.shutdown)
+os.environ["HF_ENDPOINT"] = _HUB.endpoint
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_TOKEN"] = "hf_dummy_token_for_the_local_hub_emulator"
+# Cache locations set explicitly would win over HF_HOME and mix emulator repos with real ones.
+for _variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "HF_MODULES_CACHE"):
+    os.environ.pop(_variable, None)
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_UPDATE_DOWNLOAD_COUNTS"] = "false"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
 
-import pytest  # noqa: E402
+@pytest.fixture(scope="session")
+def hub_server() -> HubServer:
+    """The Hub emulator that ``HF_ENDPOINT`` points to (one per session; repos persist across tests)."""
+    return _HUB
+
+
+@pytest.fixture
+def hub_api():
+    """An ``HfApi()`` for the emulator (endpoint and dummy token from the environment)."""
+    from huggingface_hub import HfApi
+
+    return HfApi()
+
+
+@pytest.fixture
+def unique_repo_id() -> Callable[[str], str]:
+    """``make(name) -> "tester/<name>-<8 hex>"``: repo ids no other test (or earlier call) uses."""
+
+    def make(name: str) -> str:
+        return f"tester/{name}-{uuid.uuid4().hex[:8]}"
+
+    return make
+
+
+@pytest.fixture
+def fresh_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hub cache for this test, so that downloads start from nothing; returns its path.
+
+    huggingface_hub reads ``HF_HUB_CACHE`` at import into ``constants.HF_HUB_CACHE`` (consulted at call
+    time by hf_hub_download, snapshot_download and transformers) and its cache scanner keeps a copy.
+    """
+    import huggingface_hub.constants
+    import huggingface_hub.utils._cache_manager
+
+    cache = tmp_path / "hf_hub_cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.utils._cache_manager, "HF_HUB_CACHE", str(cache))
+    return cache
 
 
 @pytest.fixture(scope="session")
