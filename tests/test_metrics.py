@@ -1,0 +1,104 @@
+"""The shipped `evaluate` modules on hand-built scores with known answers, and the pure metric arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from hf_alphaedit.evaluation.summaries import (
+    harmonic_mean,
+    matthews_correlation,
+    ngram_entropy,
+    weighted_f1,
+    word_tokenize,
+)
+from hf_alphaedit.metrics import METRIC_NAMES, load_metric, metric_path
+
+
+@pytest.mark.parametrize("name", METRIC_NAMES)
+def test_every_metric_loads_offline_by_path_with_a_space_ready_card(name):
+    import evaluate
+
+    module = evaluate.load(metric_path(name))
+    assert module.name == name and module.citation and module.features
+    readme = (metric_path(name) + "/README.md")
+    front_matter = yaml.safe_load(open(readme, encoding="utf-8").read().split("---")[1])
+    assert front_matter["sdk"] == "gradio" and "metric" in front_matter["tags"] and front_matter["title"]
+
+
+def test_efficacy_averages_per_record_then_over_records():
+    # Record 1: one of two prompts succeeds (0.5); record 2: its only prompt succeeds (1.0).
+    result = load_metric("efficacy").compute(new_target_nll=[[1.0, 2.0], [3.0]], true_target_nll=[[2.0, 1.0], [4.0]])
+    assert result["efficacy"] == pytest.approx(75.0)
+    assert result["efficacy_std"] == pytest.approx(25.0)
+    first = ((math.exp(-1) - math.exp(-2)) + (math.exp(-2) - math.exp(-1))) / 2
+    second = math.exp(-3) - math.exp(-4)
+    assert result["efficacy_magnitude"] == pytest.approx(100 * (first + second) / 2)
+
+
+def test_one_number_per_record_is_accepted():
+    result = load_metric("generalization").compute(new_target_nll=[1.0, 3.0], true_target_nll=[2.0, 2.0])
+    assert result["generalization"] == pytest.approx(50.0)
+
+
+def test_specificity_wants_the_true_target_to_win():
+    result = load_metric("specificity").compute(new_target_nll=[3.0, 1.0], true_target_nll=[1.0, 1.0])
+    # A tie is no success, as in the reference's strict comparison.
+    assert result["specificity"] == pytest.approx(50.0)
+    assert result["specificity_magnitude"] == pytest.approx(100 * (math.exp(-1) - math.exp(-3)) / 2)
+
+
+def test_knowledge_editing_combines_the_three_and_the_harmonic_score():
+    columns = {"rewrite_new_nll": [1.0, 1.0], "rewrite_true_nll": [2.0, 2.0],
+               "paraphrase_new_nll": [1.0, 3.0], "paraphrase_true_nll": [2.0, 2.0],
+               "neighborhood_new_nll": [3.0, 3.0], "neighborhood_true_nll": [1.0, 4.0]}
+    result = load_metric("knowledge_editing").compute(**columns)
+    assert (result["efficacy"], result["generalization"], result["specificity"]) == pytest.approx((100, 50, 50))
+    assert result["score"] == pytest.approx(3 / (1 / 100 + 1 / 50 + 1 / 50))
+
+
+def test_zsre_accuracy_is_token_accuracy_per_record():
+    result = load_metric("zsre_accuracy").compute(rewrite_correct=[[True, False], [True]],
+                                                  paraphrase_correct=[[False, False, True], [True]],
+                                                  neighborhood_correct=[[True], [False]])
+    assert result["efficacy"] == pytest.approx(75.0)
+    assert result["generalization"] == pytest.approx(100 * (1 / 3 + 1) / 2)
+    assert result["specificity"] == pytest.approx(50.0) and result["specificity_std"] == pytest.approx(50.0)
+
+
+def test_fluency_known_value_and_repetition_scores_zero():
+    # "a b c d": three distinct bigrams (H2 = log2 3) and two trigrams (H3 = 1).
+    expected = 100 * (2 / 3 * math.log2(3) + 4 / 3 * 1.0) / 2
+    result = load_metric("fluency").compute(texts=[["a b c d", "a b c d"]])
+    assert result["fluency"] == pytest.approx(expected)
+    assert ngram_entropy("word word word word word") == 0.0
+    assert ngram_entropy("hello world") == 0.0
+
+
+def test_word_tokenize_splits_punctuation_and_contractions():
+    assert word_tokenize("Paris isn't in Italy, it's in France.") == [
+        "Paris", "is", "n't", "in", "Italy", ",", "it", "'s", "in", "France", "."]
+
+
+def test_bad_input_names_the_columns_and_the_fix():
+    with pytest.raises(ValueError, match="new_target_nll.*one list of numbers"):
+        load_metric("efficacy").compute(new_target_nll=["high"], true_target_nll=[1.0])
+    with pytest.raises(ValueError, match="same number of records"):
+        load_metric("efficacy").compute(new_target_nll=[[1.0, 2.0]], true_target_nll=[[1.0]])
+
+
+def test_unknown_metric_name_lists_the_shipped_ones():
+    with pytest.raises(ValueError, match="efficacy"):
+        metric_path("bleu")
+
+
+def test_harmonic_mean_weighted_f1_and_mcc():
+    assert harmonic_mean([100.0, 50.0, 0.0]) == 0.0
+    labels, predictions = [0, 0, 1, 1], [0, 1, 1, -1]
+    # class 0: precision 1, recall 1/2 -> F1 2/3; class 1: precision 1/2, recall 1/2 -> F1 1/2; equal support.
+    assert weighted_f1(labels, predictions) == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert matthews_correlation([0, 1, 0, 1], [0, 1, 0, 1]) == pytest.approx(1.0)
+    assert matthews_correlation([0, 1, 0, 1], [1, 0, 1, 0]) == pytest.approx(-1.0)
+    assert matthews_correlation([0, 1], [1, 1]) == 0.0
