@@ -327,3 +327,41 @@ def _atomic_directory(target: Path, *, marker: str) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# -- artifact repositories (key statistics and projectors, edited checkpoints, edit adapters) ---------------------
+
+
+def download_snapshot(repo_id: str, *, revision: str | None = None, token: str | bool | None = None,
+                      allow_patterns: list[str] | None = None) -> tuple[Path, str]:
+    """Fetch (or reuse from the HF cache) the files of a Hub model repo; returns `(local folder, commit sha)`.
+
+    With `HF_HUB_OFFLINE=1` a previously fetched revision is served from the cache without any request.
+    """
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=allow_patterns))
+    return folder, folder.name
+
+
+def upload_folder_replacing(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None,
+                            token: str | bool | None = None, commit_message: str) -> str:
+    """Create `repo_id` if needed and make its content exactly `folder` in one commit; returns the commit sha.
+
+    Files of a previous upload that `folder` no longer has are deleted in the same commit (pushes never delete
+    anything by themselves, and a stale file can shadow a new one).
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
+                             delete_patterns=["*"])
+    return info.oid
+
+
+def hub_namespace(token: str | bool | None = None) -> str:
+    """The user name the Hub token belongs to (where pushes without a namespace go)."""
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token).whoami()["name"]

@@ -48,19 +48,59 @@ class KeyStatistics:
             raise KeyError(f"no key statistics for layer {layer}; collected layers: {self.layers}")
         return self.sums[layer] / self.counts[layer]
 
-    def merge(self, other: KeyStatistics) -> KeyStatistics:
-        """Statistics of the union of both samples (layers must match)."""
-        if self.layers != other.layers:
-            raise ValueError(f"cannot merge statistics of layers {self.layers} with layers {other.layers}")
-        return KeyStatistics(
-            sums={layer: self.sums[layer] + other.sums[layer].to(self.sums[layer]) for layer in self.layers},
-            counts={layer: self.counts[layer] + other.counts[layer] for layer in self.layers},
-            metadata={**self.metadata, "merged_with": other.metadata},
-        )
+    def merge(self, *others: KeyStatistics) -> KeyStatistics:
+        """Statistics of the union of all samples (shards or corpora of the same model and layers).
+
+        Sums, counts and sample/token tallies add; the corpora are listed together.
+        """
+        merged = self
+        for other in others:
+            if merged.layers != other.layers:
+                raise ValueError(f"cannot merge statistics of layers {merged.layers} with layers {other.layers}")
+            for key in ("model_type", "key_size", "modules"):
+                if key in merged.metadata and key in other.metadata and merged.metadata[key] != other.metadata[key]:
+                    raise ValueError(f"cannot merge statistics of different models: {key} "
+                                     f"{merged.metadata[key]!r} vs {other.metadata[key]!r}")
+            metadata = {**other.metadata, **merged.metadata}
+            for key in ("samples", "tokens", "padded_tokens"):
+                metadata[key] = (merged.metadata.get(key) or 0) + (other.metadata.get(key) or 0)
+            corpora = [c for c in (merged.metadata.get("corpus"), other.metadata.get("corpus")) if c]
+            metadata["corpus"] = " + ".join(dict.fromkeys(corpora)) or None
+            merged = KeyStatistics(
+                sums={layer: merged.sums[layer] + other.sums[layer].to(merged.sums[layer]) for layer in merged.layers},
+                counts={layer: merged.counts[layer] + other.counts[layer] for layer in merged.layers},
+                metadata=metadata,
+            )
+        return merged
 
     def subset(self, layers: Sequence[int]) -> KeyStatistics:
         return KeyStatistics({k: self.sums[k] for k in layers}, {k: self.counts[k] for k in layers},
                              dict(self.metadata))
+
+    @classmethod
+    def from_pretrained(cls, repo_id_or_path: str | os.PathLike, revision: str | None = None, *,
+                        layers: Sequence[int] | None = None, model: Any = None, strict: bool = False,
+                        token: str | bool | None = None) -> KeyStatistics:
+        """Load the statistics of an artifact (local folder or Hub repo); checked against `model` if given."""
+        from .artifacts import check_artifact_for_model, load_artifact
+
+        loaded = load_artifact(repo_id_or_path, revision=revision, layers=layers, token=token)
+        if model is not None:
+            check_artifact_for_model(loaded.config, model, loaded.statistics.layers, strict=strict)
+        return loaded.statistics
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the statistics as an artifact folder (safetensors + JSON + model card)."""
+        from .artifacts import write_artifact
+
+        write_artifact(directory, self)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    commit_message: str | None = None) -> str:
+        """Upload the statistics to `repo_id` (created if needed; stale files removed); returns the commit sha."""
+        from .artifacts import push_artifact
+
+        return push_artifact(self, None, repo_id, private=private, token=token, commit_message=commit_message)
 
 
 def collect_key_statistics(
