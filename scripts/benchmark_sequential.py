@@ -1,0 +1,321 @@
+"""Sequential-editing benchmark on the embedded SmolLM2-135M-Instruct (the paper's protocol, ALGORITHMS.md §10.1).
+
+    python scripts/benchmark_sequential.py [--quick] [--num_edits 1000] [--batch_size 100]
+        [--methods alphaedit,memit] [--eval_every 0] [--general_examples 100] [--output_dir DIR]
+    python scripts/benchmark_sequential.py --scorer_speedup [--speedup_records 200] [--full_evaluation]
+
+Editing: the first `num_edits` CounterFact records, in consecutive batches of `batch_size`, applied sequentially to
+one model per method, with key statistics from WikiText-2. After all batches (and every `eval_every` batches) the
+records edited so far are evaluated (efficacy / generalization / specificity, §10.2); the general-capability
+suite (§10.7) runs on the unedited model and after the last batch. Writes into the output folder:
+`base/edits_0000.json`, `<method>/edits_NNNN.json` (one atomic file per checkpoint; existing ones are skipped on a
+rerun, and `<method>/resume/` holds the edited weights of the last checkpoint so a run continues from there),
+`results.json`, `results.md` and `metrics_vs_edits.png`, `general.png`.
+
+`--scorer_speedup` instead times the batched scorer against the reference's one-forward-per-record loop on the
+same records and writes `scorer_speedup.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_alphaedit import AlphaEditModel, EditingArguments
+from hf_alphaedit.evaluation import evaluate_edits, evaluate_general, load_edit_records
+from hf_alphaedit.evaluation.scorer import encode_prompt, encode_target, inference
+from hf_alphaedit.forward import right_pad
+from hf_alphaedit.modeling import _method_state, _restore_method_state
+from hf_alphaedit.requests import as_edit_requests
+from hf_alphaedit.state import EditState
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+EDIT_METRICS = ("efficacy", "generalization", "specificity")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="200 edits (unless --num_edits is given).")
+    parser.add_argument("--num_edits", type=int, default=None, help="Default 1000 (200 with --quick).")
+    parser.add_argument("--batch_size", type=int, default=100)
+    parser.add_argument("--methods", default="alphaedit,memit", help="Comma-separated registered method names.")
+    parser.add_argument("--eval_every", type=int, default=0,
+                        help="Also evaluate every k batches (0: only after all edits, as the paper).")
+    parser.add_argument("--general_examples", type=int, default=100,
+                        help="Examples per general task (the reference uses 100; 0 skips the suite).")
+    parser.add_argument("--statistics_samples", type=int, default=100000)
+    parser.add_argument("--records", default=str(DATA / "counterfact" / "counterfact-edit.json"))
+    parser.add_argument("--general_dir", default=str(DATA / "general"))
+    parser.add_argument("--statistics_corpus", default=str(DATA / "wikitext-2" / "valid.txt"))
+    parser.add_argument("--output_dir", default=None,
+                        help="Default outputs/benchmark_sequential (outputs/benchmark_sequential_quick with --quick).")
+    parser.add_argument("--scorer_speedup", action="store_true", help="Time the batched scorer instead.")
+    parser.add_argument("--speedup_records", type=int, default=200)
+    parser.add_argument("--full_evaluation", action="store_true",
+                        help="With --scorer_speedup: also time the batched evaluation of every record in --records.")
+    args = parser.parse_args(argv)
+    args.num_edits = args.num_edits or (200 if args.quick else 1000)
+    suffix = "_quick" if args.quick else ""
+    args.output_dir = Path(args.output_dir or ROOT / "outputs" / f"benchmark_sequential{suffix}")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    return args
+
+
+def write_json(path: Path, content: Any) -> None:
+    """Write atomically (a rename), so an interrupted run never leaves a half-written result behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as file:
+        json.dump(content, file, indent=2)
+    os.replace(tmp, path)
+
+
+def checkpoint_path(output_dir: Path, name: str, edits: int) -> Path:
+    return output_dir / name / f"edits_{edits:04d}.json"
+
+
+def evaluate_checkpoint(model: AlphaEditModel, records: list[dict], args: argparse.Namespace,
+                        general: bool) -> dict[str, Any]:
+    result: dict[str, Any] = {"num_edits": model.state.num_edits}
+    result["edit_metrics"] = evaluate_edits(model.model, model.tokenizer, records)
+    if general and args.general_examples > 0:
+        start = time.perf_counter()
+        result["general"] = evaluate_general(model.model, model.tokenizer, args.general_dir,
+                                             num_examples=args.general_examples)
+        result["general_seconds"] = time.perf_counter() - start
+    return result
+
+
+def save_resume(model: AlphaEditModel, directory: Path) -> None:
+    """Edited weights, the method's tensor state (e.g. AlphaEdit's previous-edit keys) and the edit log."""
+    tensors = {f"weight.{layer}": model.spec.weight(model.model, layer).detach().cpu().contiguous()
+               for layer in model.hparams.layers}
+    for name, values in _method_state(model.method).items():
+        tensors.update({f"method.{name}.{key}": value.cpu().contiguous() for key, value in values.items()})
+    staging = directory.with_name(directory.name + ".tmp")
+    staging.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(staging / "weights.safetensors"))
+    model.state.save(staging)
+    if directory.exists():
+        for file in directory.iterdir():
+            file.unlink()
+        directory.rmdir()
+    staging.rename(directory)
+
+
+def load_resume(model: AlphaEditModel, directory: Path) -> None:
+    tensors = load_file(str(directory / "weights.safetensors"))
+    with torch.no_grad():
+        for layer in model.hparams.layers:
+            model.spec.weight(model.model, layer).copy_(tensors[f"weight.{layer}"])
+    method_state: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("method."):
+            _, name, layer = key.split(".")
+            method_state.setdefault(name, {})[int(layer)] = value.to(model.device)
+    _restore_method_state(model.method, method_state)
+    model.state = EditState.load(directory)
+
+
+def run_method(method: str, records: list[dict], args: argparse.Namespace) -> None:
+    num_batches = -(-len(records) // args.batch_size)
+    checkpoints = {b for b in range(1, num_batches + 1) if args.eval_every and b % args.eval_every == 0}
+    checkpoints.add(num_batches)
+    final = checkpoint_path(args.output_dir, method, len(records))
+    if final.exists():
+        print(f"[{method}] done already ({final})")
+        return
+    editing_args = EditingArguments(method=method, statistics_corpus=args.statistics_corpus,
+                                    statistics_samples=args.statistics_samples, batch_size=args.batch_size,
+                                    disable_tqdm=True)
+    model = AlphaEditModel.from_pretrained(editing_args=editing_args)
+    resume = args.output_dir / method / "resume"
+    done_batches = 0
+    if (resume / "weights.safetensors").exists():
+        load_resume(model, resume)
+        done_batches = model.state.num_edits // args.batch_size
+        print(f"[{method}] resuming after {model.state.num_edits} edits")
+    edit_seconds = sum(sum(b.timings.values()) for b in model.state.batches)
+    for batch in range(done_batches + 1, num_batches + 1):
+        chunk = records[(batch - 1) * args.batch_size : batch * args.batch_size]
+        result = model.edit(chunk, batch_size=args.batch_size)
+        edit_seconds += result.seconds
+        edited = min(batch * args.batch_size, len(records))
+        print(f"[{method}] batch {batch}/{num_batches}: {result.seconds:.0f}s ({edit_seconds:.0f}s so far)", flush=True)
+        if batch not in checkpoints:
+            continue
+        path = checkpoint_path(args.output_dir, method, edited)
+        if not path.exists():
+            result_dict = evaluate_checkpoint(model, records[:edited], args, general=batch == num_batches)
+            result_dict.update(method=method, batch_size=args.batch_size, edit_seconds=edit_seconds)
+            write_json(path, result_dict)
+            print(f"[{method}] {edited} edits: " + ", ".join(
+                f"{m} {result_dict['edit_metrics'][m]:.1f}" for m in EDIT_METRICS), flush=True)
+        if batch != num_batches:
+            save_resume(model, resume)
+
+
+def collect(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for name in ["base", *args.methods]:
+        files = sorted((args.output_dir / name).glob("edits_*.json"))
+        runs[name] = [json.loads(f.read_text()) for f in files if int(f.stem.split("_")[1]) <= args.num_edits]
+    return runs
+
+
+def markdown_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
+    base = runs["base"][0] if runs["base"] else None
+    lines = [f"Sequential editing of SmolLM2-135M-Instruct: {args.num_edits} CounterFact edits in batches of "
+             f"{args.batch_size}; metrics on all edited records after the last batch (percent; mean ± std).", "",
+             "| method | edits | efficacy | generalization | specificity | score | general F1 (avg) | edit time |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def row(name: str, result: dict[str, Any]) -> str:
+        m = result["edit_metrics"]
+        cells = [f"{m[k]:.1f} ± {m[k + '_std']:.1f}" for k in EDIT_METRICS]
+        general = result.get("general", {}).get("average", {}).get("f1")
+        general_cell = f"{general:.3f}" if general is not None else "–"
+        seconds = result.get("edit_seconds")
+        return (f"| {name} | {result['num_edits']} | " + " | ".join(cells) + f" | {m['score']:.1f} | {general_cell} | "
+                + (f"{seconds:.0f} s |" if seconds else "– |"))
+
+    if base:
+        lines.append(row("unedited", base))
+    for method in args.methods:
+        finals = [r for r in runs[method] if r["num_edits"] == args.num_edits]
+        if finals:
+            lines.append(row(method, finals[0]))
+    if base and "general" in base:
+        tasks = [t for t in base["general"] if t != "average"]
+        lines += ["", "General capability (weighted F1 of the log-likelihood answers, "
+                  f"{args.general_examples} examples per task):", "",
+                  "| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        for name, result in [("unedited", base)] + [
+                (m, r) for m in args.methods for r in runs[m] if r["num_edits"] == args.num_edits and "general" in r]:
+            lines.append(f"| {name} | " + " | ".join(f"{result['general'][t]['f1']:.3f}" for t in tasks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    base = runs["base"][0] if runs["base"] else None
+    for axis, metric in zip(axes, EDIT_METRICS, strict=True):
+        for method in args.methods:
+            points = sorted((r["num_edits"], r["edit_metrics"][metric]) for r in runs[method])
+            if points:
+                axis.plot(*zip(*points, strict=True), marker="o", label=method)
+        if base:
+            axis.axhline(base["edit_metrics"][metric], color="grey", linestyle="--", label="unedited")
+        axis.set(title=metric, xlabel="number of edits", ylabel="percent", ylim=(0, 100))
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(args.output_dir / "metrics_vs_edits.png", dpi=120)
+    plt.close(figure)
+
+    if not (base and "general" in base):
+        return
+    tasks = [t for t in base["general"] if t != "average"]
+    models = [("unedited", base)] + [(m, r) for m in args.methods for r in runs[m]
+                                      if r["num_edits"] == args.num_edits and "general" in r]
+    figure, axis = plt.subplots(figsize=(11, 3.8))
+    width = 0.8 / len(models)
+    for i, (name, result) in enumerate(models):
+        axis.bar([t + i * width for t in range(len(tasks))], [result["general"][t]["f1"] for t in tasks],
+                 width, label=name)
+    axis.set_xticks([t + width * (len(models) - 1) / 2 for t in range(len(tasks))], tasks)
+    axis.set(ylabel="weighted F1", title=f"general capability after {args.num_edits} edits")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(args.output_dir / "general.png", dpi=120)
+    plt.close(figure)
+
+
+def reference_loop_nll(model: torch.nn.Module, tokenizer: Any, records: list[dict]) -> list[float]:
+    """The reference's way (§10.2, §13.1 #14): one right-padded forward per record over all its strings, full
+    logits, then a Python loop over target tokens."""
+    pad_id = tokenizer.pad_token_id
+    nlls = []
+    with inference(model):
+        for request in as_edit_requests(records, batch_size=1):
+            items = []
+            for prompt, true in [(request.prompt_with_subject, request.target_true),
+                                 *((p, request.target_true) for p in request.paraphrase_prompts),
+                                 *((p, request.neighborhood_target) for p in request.neighborhood_prompts)]:
+                for target in (request.target_new, true):
+                    items.append((encode_prompt(tokenizer, prompt), encode_target(tokenizer, target)))
+            input_ids, mask = right_pad([p + t for p, t in items], pad_id, model.device)
+            log_probs = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), dim=-1)
+            for row, (prompt, target) in enumerate(items):
+                total = sum(-log_probs[row, len(prompt) + j - 1, token].item() for j, token in enumerate(target))
+                nlls.append(total / len(target))
+    return nlls
+
+
+def scorer_speedup(args: argparse.Namespace) -> None:
+    model = AlphaEditModel.from_pretrained()
+    records = load_edit_records(args.records, limit=args.speedup_records)
+    evaluate_edits(model.model, model.tokenizer, records[:8])  # warm-up (metric modules, allocator)
+    start = time.perf_counter()
+    batched = evaluate_edits(model.model, model.tokenizer, records, per_record=True)
+    batched_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    loop_nll = reference_loop_nll(model.model, model.tokenizer, records)
+    loop_seconds = time.perf_counter() - start
+    batched_nll = [nll for record in batched["records"]
+                   for kind in ("rewrite", "paraphrase", "neighborhood")
+                   for pair in zip(record[f"{kind}_new_nll"], record[f"{kind}_true_nll"], strict=True)
+                   for nll in pair]
+    result: dict[str, Any] = {
+        "records": len(records), "torch_threads": torch.get_num_threads(), "device": str(model.device),
+        "batched_seconds": batched_seconds, "loop_seconds": loop_seconds,
+        "batched_records_per_second": len(records) / batched_seconds,
+        "loop_records_per_second": len(records) / loop_seconds, "speedup": loop_seconds / batched_seconds,
+        "max_abs_nll_difference": max(abs(a - b) for a, b in zip(batched_nll, loop_nll, strict=True))}
+    if args.full_evaluation:
+        everything = load_edit_records(args.records)
+        full = evaluate_edits(model.model, model.tokenizer, everything, show_progress=True)
+        result["full_evaluation"] = {k: full[k] for k in ("num_records", "seconds", "records_per_second",
+                                                          *EDIT_METRICS)}
+    write_json(args.output_dir / "scorer_speedup.json", result)
+    print(json.dumps(result, indent=2))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.scorer_speedup:
+        scorer_speedup(args)
+        return
+    records = load_edit_records(args.records, limit=args.num_edits)
+    base_path = checkpoint_path(args.output_dir, "base", 0)
+    if not base_path.exists():
+        model = AlphaEditModel.from_pretrained()
+        write_json(base_path, {"method": "unedited", **evaluate_checkpoint(model, records, args, general=True)})
+        del model
+    for method in args.methods:
+        run_method(method, records, args)
+    runs = collect(args)
+    write_json(args.output_dir / "results.json", {"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs})
+    table = markdown_table(runs, args)
+    (args.output_dir / "results.md").write_text(table)
+    plot(runs, args)
+    print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
