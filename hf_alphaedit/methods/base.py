@@ -15,7 +15,7 @@ from ..arguments import ResolvedHyperparameters
 from ..projection import NullSpaceProjector
 from ..requests import EditRequest
 from ..statistics import KeyStatistics
-from .keys_targets import ForwardMode, LayerKeyReader, TargetOptimizer
+from .keys_targets import ForwardMode, LayerKeyReader, TargetOptimizer, TargetResult
 
 
 @dataclass
@@ -58,6 +58,13 @@ class LayerUpdate:
     @property
     def delta(self) -> torch.Tensor:
         return self.left @ self.right
+
+    @classmethod
+    def stack(cls, layer: int, parts: Sequence[LayerUpdate], keys: torch.Tensor) -> LayerUpdate:
+        """One update holding the factors of all `parts` side by side, so `ΔW = Σ part.left @ part.right`;
+        `keys` `[n, d_k]` are the batch's keys at `layer`."""
+        return cls(layer, torch.cat([part.left for part in parts], dim=1),
+                   torch.cat([part.right for part in parts], dim=0), keys)
 
     @property
     def norm(self) -> float:
@@ -125,15 +132,27 @@ class LocateThenEditMethod:
         """Stateless by default."""
 
     def edit_batch(self, requests: Sequence[EditRequest]) -> BatchUpdate:
-        ctx, hp = self.context, self.context.hparams
         timings = {"targets": 0.0, "keys": 0.0, "solve": 0.0}
         start = time.perf_counter()
-        targets = TargetOptimizer(ctx.model, ctx.tokenizer, ctx.spec, hp, ctx.context_templates,
-                                  batch_tokens=ctx.target_batch_tokens, mode=ctx.forward_mode,
-                                  show_progress=ctx.show_progress).optimize(requests)
+        targets = self.optimize_targets(requests)
         timings["targets"] = time.perf_counter() - start
+        updates = self.edit_layers(requests, targets.values, timings)
+        return BatchUpdate(updates, targets.losses, targets.steps, targets.target_probabilities, timings)
+
+    def optimize_targets(self, requests: Sequence[EditRequest]) -> TargetResult:
+        """The batch's targets `z` (§3) on the model as it is now."""
+        ctx = self.context
+        return TargetOptimizer(ctx.model, ctx.tokenizer, ctx.spec, ctx.hparams, ctx.context_templates,
+                               batch_tokens=ctx.target_batch_tokens, mode=ctx.forward_mode,
+                               show_progress=ctx.show_progress).optimize(requests)
+
+    def edit_layers(self, requests: Sequence[EditRequest], targets: torch.Tensor,
+                    timings: dict[str, float]) -> list[LayerUpdate]:
+        """The layer loop of §5.1 towards targets `z` `[n, d]`: each layer's update is applied before the next
+        layer's keys are read; returns the updates as applied and adds to `timings["keys"]`/`["solve"]`."""
+        ctx, hp = self.context, self.context.hparams
         device = next(ctx.model.parameters()).device
-        z = targets.values.to(device)
+        z = targets.to(device)
         reader = LayerKeyReader(ctx.model, ctx.tokenizer, ctx.spec, hp, ctx.context_templates, requests,
                                 use_block_runner=ctx.forward_mode != "full")
         updates = []
@@ -147,4 +166,4 @@ class LocateThenEditMethod:
             update = LayerUpdate(layer, residuals.T.contiguous().float(), right.contiguous(), keys.float())
             updates.append(ctx.apply_update(update))
             timings["solve"] += time.perf_counter() - start
-        return BatchUpdate(updates, targets.losses, targets.steps, targets.target_probabilities, timings)
+        return updates

@@ -11,10 +11,11 @@ Everything here is exact with respect to the reference procedure; the speed come
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,6 +38,10 @@ _ADAM_EPS = 1e-8
 _RECAPTURE_FRACTION = 2 / 3
 _KL_PROMPT = "{} is a"
 _MODE_TOLERANCE = 1e-3
+
+InjectionSite = Literal["block_output", "mlp_output"]
+"""Where δ is added at the z-layer: the block's output (MEMIT/AlphaEdit/NSE, §3.4) or the output of its edited MLP
+projection (ROME's compute_v, §3.8; `h_init` is then the projection's output `m_init`)."""
 
 ForwardMode = Literal["prefix_cache", "blocks", "full"]
 """How target optimisation runs the model at each step, fastest first: only the tokens from the lookup position
@@ -128,15 +133,21 @@ class TargetResult:
 class TargetOptimizer:
     """Batched target optimisation (§3.9), exactly equivalent to the reference's per-request loop.
 
-    Each request `r` gets a delta `δ_r` `[d]` added to the z-layer's output at its lookup position in all of its
-    prompts (six rewriting prompts and one KL prompt). Adam runs per row with its own step count, so a request
+    Each request `r` gets a delta `δ_r` `[d]` added to the z-layer's output (or its edited projection's output,
+    `site="mlp_output"`) at its lookup position in all of its prompts (one rewriting prompt per template and one KL
+    prompt). Adam runs per row with its own step count, so a request
     that stops early keeps its value and state, as it would in its own loop.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, spec: ModelSpec, hparams: ResolvedHyperparameters,
                  templates: Sequence[str], *, batch_tokens: int = 4096, mode: ForwardMode = "prefix_cache",
-                 show_progress: bool = False) -> None:
+                 show_progress: bool = False, site: InjectionSite = "block_output") -> None:
         self.model, self.tokenizer, self.spec, self.hparams = model, tokenizer, spec, hparams
+        self.site = site
+        z_layer = hparams.z_layer
+        self.site_module = spec.block(model, z_layer) if site == "block_output" else spec.rewrite_module(model, z_layer)
+        # Blocks re-run at every step: those above the z-layer, or the z-layer's own block when δ enters inside it.
+        self.first_rerun_block = z_layer + 1 if site == "block_output" else z_layer
         self.templates = list(templates)
         self.batch_tokens = batch_tokens
         self.mode = mode
@@ -279,15 +290,15 @@ class TargetOptimizer:
         if mode == "prefix_cache":
             inputs = self._prefix_inputs(batch, sequences, split, suffix_ids, suffix_mask)
         batch.inputs = inputs
-        z_layer, num_layers = self.hparams.z_layer, self.spec.num_layers
         if mode == "full":
             batch.z_output = self._full_forward(batch, None, capture_z=True)
             return batch
         runner = BlockRunner(self.model, self.spec)
         captured: dict[str, torch.Tensor] = {}
-        with _capture_block_output(self.spec.block(self.model, z_layer), captured):
-            runner.capture(range(z_layer + 1, num_layers), num_layers - 1, **self._fresh(batch, inputs))
-        batch.z_output, batch.runner = captured["z"], runner
+        num_layers, start = self.spec.num_layers, self.first_rerun_block
+        with self._adding_delta(batch, None, captured):
+            block_inputs = runner.capture(range(start, num_layers), num_layers - 1, **self._fresh(batch, inputs))
+        batch.z_output, batch.runner, batch.rerun_input = captured["z"], runner, block_inputs.get(start)
         return batch
 
     def _prefix_inputs(self, batch: _Batch, sequences: list[_Sequence], split: list[int],
@@ -324,40 +335,56 @@ class TargetOptimizer:
     def _log_probs(self, batch: _Batch, delta_rows: torch.Tensor) -> torch.Tensor:
         """Log-softmax `[positions, vocab]` (float32) at every position the losses read."""
         if batch.runner is not None:
-            hidden = batch.with_delta(batch.z_output, delta_rows)
             overrides = self._fresh(batch, {}) if batch.prefix_cache is not None else {}
-            last = batch.runner.run(hidden, self.hparams.z_layer + 1, self.spec.num_layers, overrides)
+            start, stop = self.first_rerun_block, self.spec.num_layers
+            if self.site == "block_output":
+                last = batch.runner.run(batch.with_delta(batch.z_output, delta_rows), start, stop, overrides)
+            else:
+                with self._adding_delta(batch, delta_rows):
+                    last = batch.runner.run(batch.rerun_input, start, stop, overrides)
         else:
             last = self._full_forward(batch, delta_rows)
         gathered = last[batch.position_rows, batch.position_cols]
         return torch.log_softmax(self.spec.logits(self.model, gathered).float(), dim=-1)
 
     def _full_forward(self, batch: _Batch, delta_rows: torch.Tensor | None, capture_z: bool = False) -> torch.Tensor:
-        """Fallback without `BlockRunner`: the whole model, with δ added by a hook on the z-layer block."""
+        """Fallback without `BlockRunner`: the whole model, with δ added by a hook on the injection site."""
         outputs: dict[str, torch.Tensor] = {}
-
-        def add_delta(_m: nn.Module, _a: Any, out: Any) -> Any:
-            hidden = block_output_hidden(out)
-            if capture_z:
-                outputs["z"] = hidden.detach()
-            if delta_rows is None:
-                return out
-            hidden = batch.with_delta(hidden, delta_rows)
-            return (hidden, *out[1:]) if isinstance(out, (tuple, list)) else hidden
 
         def keep_last(_m: nn.Module, _a: Any, out: Any) -> None:
             outputs["last"] = block_output_hidden(out)
 
         last_block = self.spec.block(self.model, self.spec.num_layers - 1)
-        handles = [self.spec.block(self.model, self.hparams.z_layer).register_forward_hook(add_delta),
-                   last_block.register_forward_hook(keep_last)]
-        try:
-            with torch.set_grad_enabled(delta_rows is not None):
-                run_until(self.model, last_block, **batch.inputs)
-        finally:
-            for handle in handles:
+        # δ's hook goes first: the injection site may be the last block itself.
+        with self._adding_delta(batch, delta_rows, outputs if capture_z else None):
+            handle = last_block.register_forward_hook(keep_last)
+            try:
+                with torch.set_grad_enabled(delta_rows is not None):
+                    run_until(self.model, last_block, **batch.inputs)
+            finally:
                 handle.remove()
         return outputs["z"] if capture_z else outputs["last"]
+
+    @contextlib.contextmanager
+    def _adding_delta(self, batch: _Batch, delta_rows: torch.Tensor | None,
+                      captured: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+        """Within the context the injection site's output gets δ at the lookup positions (none if `delta_rows` is
+        None); its output before δ, `[sequences, seq_len, d]`, is stored as `captured["z"]` when asked."""
+        def hook(_m: nn.Module, _a: Any, out: Any) -> Any:
+            hidden = block_output_hidden(out)
+            shaped = hidden.reshape(len(batch.lookup), -1, hidden.shape[-1])  # OPT's MLP flattens the tokens
+            if captured is not None:
+                captured["z"] = shaped.detach()
+            if delta_rows is None:
+                return out
+            hidden = batch.with_delta(shaped, delta_rows).reshape(hidden.shape)
+            return (hidden, *out[1:]) if isinstance(out, (tuple, list)) else hidden
+
+        handle = self.site_module.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 def choose_forward_mode(model: nn.Module, tokenizer: Any, spec: ModelSpec, hparams: ResolvedHyperparameters,
@@ -402,6 +429,7 @@ class _Batch:
         self.runner: BlockRunner | None = None
         self.z_output: torch.Tensor | None = None
         self.prefix_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.rerun_input: torch.Tensor | None = None  # input of the first re-run block, `[seqs, seq_len, d]`
         local = {row: i for i, row in enumerate(rows)}
         self.seq_owner = torch.tensor([local[o] for o in owners], device=device)
         self.lookup = torch.tensor([s.lookup - k for s, k in zip(sequences, split, strict=True)], device=device)
