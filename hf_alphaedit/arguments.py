@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 FACT_TOKENS = ("subject_last", "subject_first_after_last", "last")
 THRESHOLD_MODES = ("absolute", "relative", "energy")
 PRESETS = ("auto", "reference")
+PRUNE_ALPHAS = ("e", "2", "1.5", "1.2", "linear")
+PRUNE_RESTRAIN_AT = ("end", "every_batch")
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,26 @@ class EditingArguments:
     Fields left at `None` are filled in by `resolve(spec)` for the loaded model; see `preset`.
     """
 
-    method: str = _help("Editing method: 'alphaedit' (null-space projected) or 'memit' (unprojected baseline).",
-                        default="alphaedit")
+    method: str = _help("Editing method: a registered name (hf_alphaedit.list_methods()), e.g. 'alphaedit' "
+                        "(null-space projected) or 'memit' (unprojected baseline).", default="alphaedit")
+    use_projection: bool | None = _help(
+        "Project every update onto the null space of preserved keys (ALGORITHMS.md §2.5): ΔW ← ΔW·P. Default: on "
+        "for methods that solve in the null space (alphaedit, where it cannot be turned off), off otherwise; "
+        "true adds it to methods whose updates are factored key-space deltas (memit, rome, ft, plugins).",
+        default=None)
+    prune: bool = _help(
+        "Add the PRUNE restraint (ALGORITHMS.md §7) to the method: singular values of the accumulated "
+        "perturbation of each edited matrix above the largest singular value σ_max of its original weight are "
+        "shrunk to σ_max + log_α(σ/σ_max).", default=False)
+    prune_alpha: str = _help("PRUNE restraint function: log base 'e' (reference default), '2', '1.5', '1.2' "
+                             "(smaller is weaker), or 'linear' (σ/2 + σ_max/2).", default="e")
+    prune_restrain_at: str = _help(
+        "'end' (reference): the weights always hold the restraint of the whole perturbation, but every batch is "
+        "computed on the unrestrained weights, as if the restraint were applied once after the last edit; "
+        "'every_batch': the restrained weights are what the next batch edits.", default="end")
+    prune_clip: bool = _help(
+        "Use min(F(σ), σ) (a deviation from the reference). The log restraint enlarges singular values just "
+        "above σ_max when σ_max < 1/ln α; without this flag that case is refused.", default=False)
     preset: str = _help(
         "How unset hyperparameters are chosen: 'auto' adapts them to the model (step size scaled to the "
         "hidden-state RMS, optimisation until the target is reached, up to a cap); 'reference' reproduces the "
@@ -131,14 +151,11 @@ class EditingArguments:
     def __post_init__(self) -> None:
         # HfArgumentParser.parse_dict / JSON / YAML do no type conversion ('1e-4' stays a string).
         # (Field kinds come from the resolved type hints: HfArgumentParser rewrites `Field.type` in place.)
-        for name, kind in _scalar_field_kinds().items():
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, _coerce_bool(name, value) if kind is bool else _coerce(name, value, kind))
+        coerce_scalar_fields(self)
         if self.layers is not None:
             if isinstance(self.layers, (int, str)):
                 self.layers = [self.layers]
-            self.layers = [_coerce("layers", x, int) for x in self.layers]
+            self.layers = [_coerce("EditingArguments.layers", x, int) for x in self.layers]
             if not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
                 raise ValueError(f"EditingArguments.layers={self.layers!r}: give distinct non-negative layer indices.")
             self.layers = sorted(self.layers)
@@ -146,6 +163,10 @@ class EditingArguments:
         _check_choice("preset", self.preset, PRESETS)
         _check_choice("fact_token", self.fact_token, FACT_TOKENS)
         _check_choice("nullspace_threshold_mode", self.nullspace_threshold_mode, THRESHOLD_MODES)
+        if isinstance(self.prune_alpha, (int, float)):  # YAML / parse_dict give numbers as numbers
+            self.prune_alpha = "e" if self.prune_alpha == math.e else f"{self.prune_alpha:g}"
+        _check_choice("prune_alpha", self.prune_alpha, PRUNE_ALPHAS)
+        _check_choice("prune_restrain_at", self.prune_restrain_at, PRUNE_RESTRAIN_AT)
         for name in ("batch_size", "statistics_samples", "statistics_batch_tokens", "target_batch_tokens",
                      "context_template_length"):
             if getattr(self, name) < 1:
@@ -162,9 +183,18 @@ class EditingArguments:
         if self.nullspace_threshold_mode != "absolute" and (self.nullspace_threshold or 0) >= 1:
             raise ValueError(f"EditingArguments.nullspace_threshold={self.nullspace_threshold}: in mode "
                              f"'{self.nullspace_threshold_mode}' it is a fraction and must be below 1.")
-        from .methods import get_method_classes  # late import: methods import this module
+        from .methods import get_method_classes, projection_support  # late import: methods import this module
 
-        get_method_classes(self.method)
+        support = projection_support(get_method_classes(self.method)[1])
+        if support == "inherent" and self.use_projection is False:
+            raise ValueError(f"EditingArguments.use_projection=False: method {self.method!r} solves in the null "
+                             "space by construction, so the projection cannot be turned off; for an unprojected "
+                             "baseline use method='memit' (with MemitConfig(protect_previous_edits=True) for "
+                             "sequential editing, i.e. MEMIT_seq).")
+        if support == "unsupported" and self.use_projection:
+            raise ValueError(f"EditingArguments.use_projection=True: method {self.method!r} does not apply its "
+                             "updates as key-space deltas of the edited projections, so they cannot be projected; "
+                             "leave use_projection unset.")
 
     def resolve(self, spec: ModelSpec) -> ResolvedHyperparameters:
         """Fill every unset hyperparameter for the model described by `spec`."""
@@ -210,7 +240,14 @@ class EditingArguments:
             mom2_update_weight=pick("mom2_update_weight", ref.mom2_update_weight),
             context_template_length=self.context_template_length,
             context_template_count=self.context_template_count,
+            use_projection=self._projection_on(),
         )
+
+    def _projection_on(self) -> bool:
+        """`use_projection` with its default filled in: on exactly for methods that solve in the null space."""
+        from .methods import get_method_classes, projection_support
+
+        return projection_support(get_method_classes(self.method)[1]) == "inherent" or bool(self.use_projection)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; Hub tokens (fields named `token` or ending in `hub_token`) are masked."""
@@ -260,6 +297,7 @@ class ResolvedHyperparameters:
     mom2_update_weight: float
     context_template_length: int
     context_template_count: int
+    use_projection: bool = False  # True: updates are (or are made) null-space projected
 
     @property
     def z_layer(self) -> int:
@@ -269,11 +307,28 @@ class ResolvedHyperparameters:
         return dataclasses.asdict(self)
 
 
+def coerce_scalar_fields(instance: Any) -> None:
+    """Convert the values of a dataclass's `float` / `int` / `bool` fields (optional or not) to those types in place.
+
+    `HfArgumentParser.parse_dict` and JSON / YAML files do no type conversion ('1e-4' stays a string); errors
+    name the field as `ClassName.field`.
+    """
+    owner = type(instance).__name__
+    for name, kind in _scalar_field_kinds(type(instance)).items():
+        value = getattr(instance, name)
+        if value is not None:
+            qualified = f"{owner}.{name}"
+            setattr(instance, name, _coerce_bool(qualified, value) if kind is bool else _coerce(qualified, value, kind))
+
+
 @functools.cache
-def _scalar_field_kinds() -> dict[str, type]:
-    """`{field name: float | int | bool}` for the scalar fields of `EditingArguments` (optional or not)."""
+def _scalar_field_kinds(cls: type) -> dict[str, type]:
+    """`{field name: float | int | bool}` for the scalar fields of the dataclass `cls` (optional or not)."""
     kinds = {}
-    for name, hint in typing.get_type_hints(EditingArguments).items():
+    field_names = {f.name for f in dataclasses.fields(cls)}
+    for name, hint in typing.get_type_hints(cls).items():
+        if name not in field_names:  # ClassVars
+            continue
         options = set(typing.get_args(hint)) - {type(None)} or {hint}
         if len(options) == 1 and (kind := options.pop()) in (float, int, bool):
             kinds[name] = kind
@@ -290,9 +345,9 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     try:
         converted = kind(float(value)) if kind is int else kind(value)
     except (TypeError, ValueError):
-        raise ValueError(f"EditingArguments.{name}={value!r}: expected a {kind.__name__}.") from None
+        raise ValueError(f"{name}={value!r}: expected a {kind.__name__}.") from None
     if kind is int and float(value) != converted:
-        raise ValueError(f"EditingArguments.{name}={value!r}: expected an integer.")
+        raise ValueError(f"{name}={value!r}: expected an integer.")
     return converted
 
 
@@ -303,7 +358,7 @@ def _coerce_bool(name: str, value: Any) -> bool:
         return True
     if str(value).lower() in ("false", "0", "no"):
         return False
-    raise ValueError(f"EditingArguments.{name}={value!r}: expected true or false.")
+    raise ValueError(f"{name}={value!r}: expected true or false.")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

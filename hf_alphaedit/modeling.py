@@ -20,7 +20,14 @@ from .architectures import ModelSpec, resolve_model_spec
 from .arguments import EditingArguments
 from .corpus import corpus_fingerprint, load_corpus_texts
 from .hub import DEFAULT_MODEL, ModelSource, load_model_and_tokenizer
-from .methods import BatchUpdate, EditContext, get_method_classes
+from .methods import (
+    BatchUpdate,
+    EditContext,
+    NullSpaceBooster,
+    PruneRestraint,
+    get_method_classes,
+    projection_support,
+)
 from .methods.keys_targets import ForwardMode, choose_forward_mode, generate_context_templates
 from .projection import NullSpaceProjector
 from .requests import EditRequest, as_edit_requests
@@ -97,6 +104,7 @@ class AlphaEditModel:
         self.state = EditState(args.method, list(self.hparams.layers))
         self._statistics: dict[int, KeyStatistics] = {}
         self._method: Any = None
+        self._restraint: PruneRestraint | None = None  # PRUNE (editing_args.prune), built with the method
         # The method's sequential state right after it was built (see `_rebuild_method_state`).
         self._initial_method_state: dict[str, Any] = {}
         # Edit-log lines of reverted batches (publishing.revert_event), written into edit_log.jsonl.
@@ -144,9 +152,12 @@ class AlphaEditModel:
         """The method plugin instance (built on first use: this may collect key statistics)."""
         if self._method is None:
             _, method_cls = get_method_classes(self.editing_args.method)
-            # Statistics describe the base model, also under edits loaded with `edits=`.
+            # Statistics and restraints describe the base model, also under edits loaded with `edits=`.
             with self._without_applied_edits():
+                # The restraint first: it reads the original weights and may refuse them (before any statistics pass).
+                restraint = self._prune_restraint() if self.editing_args.prune else None
                 self._method = method_cls(self._context(), self.method_config)
+            self._restraint = restraint
             self._initial_method_state = _method_state(self._method)
             self._rebuild_method_state()
         return self._method
@@ -188,13 +199,17 @@ class AlphaEditModel:
         start = time.perf_counter()
         snapshot = self._snapshot()
         try:
+            if self._restraint is not None:
+                self._restraint.lift(self.state.batches[-1].layers if self.state.batches else [])
             update = method.edit_batch(requests)
             method.commit(update)
+            layers = update.layers if self._restraint is None else self._restraint.restrain(
+                [u for b in self.state.batches for u in b.layers], update.layers)
         except BaseException:
             self._restore(snapshot)
             raise
         seconds = time.perf_counter() - start
-        record = BatchRecord(len(self.state.batches), list(requests), update.layers, update.target_losses,
+        record = BatchRecord(len(self.state.batches), list(requests), layers, update.target_losses,
                              update.target_steps, update.target_probabilities, update.timings, time.time())
         self.state.batches.append(record)
         logger.info("batch %d: %d edits in %.1fs (%s)", record.index, len(requests), seconds,
@@ -272,13 +287,25 @@ class AlphaEditModel:
             self._method.commit(BatchUpdate(record.layers))
 
     def _context(self) -> EditContext:
-        return EditContext(
+        context = EditContext(
             model=self.model, tokenizer=self.tokenizer, spec=self.spec, hparams=self.hparams,
             context_templates=self.state.context_templates, statistics=self.key_statistics,
             projector=self.null_space_projector,
             apply_delta=self._apply_delta, forward_mode=self._forward_mode or "full",
             target_batch_tokens=self.editing_args.target_batch_tokens,
             show_progress=not self.editing_args.disable_tqdm)
+        _, method_cls = get_method_classes(self.editing_args.method)
+        if self.hparams.use_projection and projection_support(method_cls) == "optional":
+            layers = self.hparams.layers
+            context.constrain_update = NullSpaceBooster(self.null_space_projector(layers), layers, self.device)
+        return context
+
+    def _prune_restraint(self) -> PruneRestraint:
+        """PRUNE on the edited layers, built where the weights are the original ones (see `method`)."""
+        originals = {layer: self._masters.get(layer, self.spec.weight(self.model, layer))
+                     for layer in self.hparams.layers}
+        args = self.editing_args
+        return PruneRestraint(originals, self._apply_delta, args.prune_alpha, args.prune_restrain_at, args.prune_clip)
 
     def _ensure_context_templates(self) -> None:
         if not self.state.context_templates:

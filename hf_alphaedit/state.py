@@ -77,7 +77,8 @@ class EditState:
                 tensors[f"{prefix}.keys"] = update.keys.detach().cpu().contiguous()
             batches.append({
                 "index": record.index, "requests": [r.to_dict() for r in record.requests],
-                "layers": [u.layer for u in record.layers], "target_losses": record.target_losses,
+                "layers": [u.layer for u in record.layers],
+                "restraint_ranks": [u.restraint_rank for u in record.layers], "target_losses": record.target_losses,
                 "target_steps": record.target_steps, "target_probabilities": record.target_probabilities,
                 "timings": record.timings, "created_at": record.created_at})
         meta = {"method": self.method, "layers": self.layers, "context_templates": self.context_templates,
@@ -93,10 +94,11 @@ class EditState:
         batches = []
         for item in meta["batches"]:
             updates = []
-            for layer in item["layers"]:
+            for layer, restraint_rank in zip(item["layers"], item.get("restraint_ranks", [0] * len(item["layers"])),
+                                             strict=True):
                 prefix = f"batch{item['index']}.layer{layer}"
                 updates.append(LayerUpdate(layer, tensors[f"{prefix}.left"], tensors[f"{prefix}.right"],
-                                           tensors[f"{prefix}.keys"]))
+                                           tensors[f"{prefix}.keys"], restraint_rank))
             batches.append(BatchRecord(item["index"], [from_record(r) for r in item["requests"]], updates,
                                        item["target_losses"], item["target_steps"], item["target_probabilities"],
                                        item["timings"], item["created_at"]))

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ...projection import NullSpaceProjector
 from ..base import BatchUpdate, EditContext, LocateThenEditMethod
+from .booster import null_space_bases
+from .config import AlphaEditConfig
 
 
 class AlphaEdit(LocateThenEditMethod):
@@ -16,22 +16,23 @@ class AlphaEdit(LocateThenEditMethod):
     previous-edit keys kept in reduced form `G = Ûᵀ C_p Û` `[r, r]`, the same update is `ΔW = R · B` with
     `B = (Û (G + ÛᵀK KᵀÛ + λ₂ I)⁻¹ ÛᵀK)ᵀ`: an `r × r` symmetric positive-definite system, solved by Cholesky
     in float64 with `n` right-hand sides. `R` is `[d, n]`, `K` is `[d_k, n]` (columns are requests).
+
+    The projection is inherent (`ΔW = ΔW P` exactly, §5.4), so `EditingArguments.use_projection=False` is refused:
+    with `P = I` the solve would be a ridge regression with no preserved-knowledge term at all, not a baseline
+    anyone runs; the unprojected sequential baseline is MEMIT_seq (`MemitConfig(protect_previous_edits=True)`).
     """
 
-    def __init__(self, context: EditContext, config: Any = None,
+    projection = "inherent"
+
+    def __init__(self, context: EditContext, config: AlphaEditConfig | None = None,
                  projector: NullSpaceProjector | None = None) -> None:
-        super().__init__(context, config)
+        super().__init__(context, config if config is not None else AlphaEditConfig())
         hp = context.hparams
         if projector is None:
             projector = context.projector(hp.layers)
-        missing = sorted(set(hp.layers) - set(projector.layers))
-        if missing:
-            raise ValueError(f"the null-space projector has no layer(s) {missing}; it covers {projector.layers}.")
         self.projector = projector
-        device = next(context.model.parameters()).device
-        self.bases = {layer: projector.bases[layer].to(device, torch.float64) for layer in hp.layers}
-        self.previous_gram = {layer: torch.zeros(b.shape[1], b.shape[1], dtype=torch.float64, device=device)
-                              for layer, b in self.bases.items()}
+        self.bases = null_space_bases(projector, hp.layers, next(context.model.parameters()).device)
+        self.previous_gram = {layer: b.new_zeros(b.shape[1], b.shape[1]) for layer, b in self.bases.items()}
 
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         basis = self.bases[layer]
@@ -43,6 +44,8 @@ class AlphaEdit(LocateThenEditMethod):
         return (basis @ solution).T
 
     def commit(self, update: BatchUpdate) -> None:
+        if not self.config.protect_previous_edits:
+            return
         for layer_update in update.layers:
             projected = self.bases[layer_update.layer].T @ layer_update.keys.T.double()
             self.previous_gram[layer_update.layer] += projected @ projected.T

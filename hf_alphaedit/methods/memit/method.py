@@ -1,23 +1,35 @@
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ..base import EditContext, LocateThenEditMethod
+from ..base import BatchUpdate, EditContext, LocateThenEditMethod
+from .config import MemitConfig
 
 
 class Memit(LocateThenEditMethod):
-    """MEMIT (reference, no previous-edit term): `ΔW = R · (A⁻¹K)ᵀ` with `A = λ C₀ + K Kᵀ`, solved in float64."""
+    """MEMIT: `ΔW = R · (A⁻¹K)ᵀ` with `A = λ C₀ + K Kᵀ` `[d_k, d_k]`, solved in float64 (§5.2).
 
-    def __init__(self, context: EditContext, config: Any = None) -> None:
-        super().__init__(context, config)
+    With `MemitConfig(protect_previous_edits=True)` the keys of earlier batches join the system,
+    `A = λ C₀ + C_p + K Kᵀ` (MEMIT_seq, §5.3); `C_p` is folded into `preserved` after each batch.
+    """
+
+    def __init__(self, context: EditContext, config: MemitConfig | None = None) -> None:
+        super().__init__(context, config if config is not None else MemitConfig())
         layers = context.hparams.layers
         statistics = context.statistics(layers)
         device = next(context.model.parameters()).device
-        self.second_moments = {layer: statistics.second_moment(layer).to(device, torch.float64) for layer in layers}
+        weight = context.hparams.mom2_update_weight
+        # λ C₀ (+ C_p): the part of the normal equations that does not depend on the current batch.
+        self.preserved = {layer: weight * statistics.second_moment(layer).to(device, torch.float64)
+                          for layer in layers}
 
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         keys64 = keys.T.double()  # [d_k, n]
-        system = self.context.hparams.mom2_update_weight * self.second_moments[layer] + keys64 @ keys64.T
-        return torch.linalg.solve(system, keys64).T
+        return torch.linalg.solve(self.preserved[layer] + keys64 @ keys64.T, keys64).T
+
+    def commit(self, update: BatchUpdate) -> None:
+        if not self.config.protect_previous_edits:
+            return
+        for layer_update in update.layers:
+            keys64 = layer_update.keys.double()  # [n, d_k]
+            self.preserved[layer_update.layer] += keys64.T @ keys64
