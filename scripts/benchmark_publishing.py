@@ -61,7 +61,8 @@ def _synthetic_editor(num_edits: int, batch_size: int) -> AlphaEditModel:
     """SmolLM2-135M (random weights) carrying `num_edits` synthetic edits in batches of `batch_size`."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2_135M), dtype=torch.float32)
-    editor = AlphaEditModel(model, None, EditingArguments(statistics_corpus="Salesforce/wikitext:wikitext-2-raw-v1"))
+    args = EditingArguments(statistics_corpus="Salesforce/wikitext:wikitext-2-raw-v1")
+    editor = AlphaEditModel(model, None, args)
     d, d_k = editor.spec.hidden_size, editor.spec.key_size
     for index, start in enumerate(range(0, num_edits, batch_size)):
         n = min(batch_size, num_edits - start)
@@ -97,7 +98,8 @@ def main() -> None:
         row: dict = {}
         with tempfile.TemporaryDirectory() as folder:
             for file_format in ("lora", "delta"):
-                row[file_format] = _folder_bytes(editor.save_edits(Path(folder) / file_format, format=file_format))
+                written = editor.save_edits(Path(folder) / file_format, format=file_format)
+                row[file_format] = _folder_bytes(written)
         row["checkpoint_float32"] = parameters * FLOAT32_BYTES + row["delta"]["total"]
         row["formula"] = {"lora": FLOAT32_BYTES * len(layers) * num_edits * (d + d_k),
                           "delta": FLOAT32_BYTES * len(layers) * num_edits * (d + 2 * d_k)}
@@ -109,7 +111,8 @@ def main() -> None:
 
     parameters = _parameter_count(LLAMA3_8B)
     layers, d, d_k = _edited_shape(LLAMA3_8B)
-    per_edit = {"lora": FLOAT32_BYTES * len(layers) * (d + d_k), "delta": FLOAT32_BYTES * len(layers) * (d + 2 * d_k)}
+    per_edit = {"lora": FLOAT32_BYTES * len(layers) * (d + d_k),
+                "delta": FLOAT32_BYTES * len(layers) * (d + 2 * d_k)}
     report["llama3_8b"] = {"parameters": parameters, "edited_layers": layers, "d": d, "d_k": d_k,
                            "checkpoint_weights_bfloat16": parameters * 2, "bytes_per_edit": per_edit,
                            **{str(n): {k: v * n for k, v in per_edit.items()} for n in options.num_edits}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,8 @@ def _base_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def _editor(corpus: Path, family: str = "llama", source: ModelSource | None = None, **overrides) -> AlphaEditModel:
+def _editor(corpus: Path, family: str = "llama", source: ModelSource | None = None,
+            **overrides) -> AlphaEditModel:
     return AlphaEditModel(_base_model(family), tiny_tokenizer(), _args(corpus, **overrides), source)
 
 
@@ -83,7 +85,7 @@ def _assert_nothing_private(files: dict[str, bytes], *private: str) -> None:
             assert text.encode() not in data, f"{text!r} appears in {name}"
 
 
-# -- full checkpoint -----------------------------------------------------------------------------------------------
+# -- full checkpoint -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -127,7 +129,7 @@ def test_saving_over_a_foreign_folder_is_refused_and_a_resave_replaces_stale_fil
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".edited")], "no staging folder left behind"
 
 
-# -- edit adapters ---------------------------------------------------------------------------------------------------
+# -- edit adapters -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -154,8 +156,8 @@ def test_lora_rank_pattern_when_layers_have_different_ranks(corpus, tmp_path):
     editor = _editor(corpus, layers=[1, 2, 3])
     editor.edit(REQUESTS[:2])
     # A batch that changed only layer 3 (as a method editing a subset of layers would record it).
-    extra = LayerUpdate(3, torch.randn(editor.spec.hidden_size, 1) * 0.1,
-                                   torch.randn(1, editor.spec.key_size) * 0.1, torch.randn(1, editor.spec.key_size))
+    d, d_k = editor.spec.hidden_size, editor.spec.key_size
+    extra = LayerUpdate(3, torch.randn(d, 1) * 0.1, torch.randn(1, d_k) * 0.1, torch.randn(1, d_k))
     editor._apply_delta(3, extra.delta)
     editor.state.batches.append(BatchRecord(1, [editor.state.batches[0].requests[0]], [extra], [], [], [],
                                                        {}, editor.state.batches[0].created_at + 1))
@@ -210,7 +212,7 @@ def test_edits_refuse_the_wrong_base_model(corpus, tmp_path):
         editor.save_edits(tmp_path / "zip", format="zip")
 
 
-# -- undo ------------------------------------------------------------------------------------------------------------
+# -- undo ----------------------------------------------------------------------------------------------------
 
 
 def test_revert_and_reset_restore_the_logits_and_are_logged(corpus, tmp_path):
@@ -260,7 +262,7 @@ def test_revert_then_edit_equals_never_having_made_the_reverted_batch(corpus):
     assert [r.subject for b in editor.state.batches for r in b.requests] == ["The Eiffel Tower", "Marie Curie"]
 
 
-# -- model cards -----------------------------------------------------------------------------------------------------
+# -- model cards ---------------------------------------------------------------------------------------------
 
 
 def test_card_front_matter_edit_log_and_metrics(corpus, tmp_path, monkeypatch):
@@ -297,7 +299,7 @@ def test_adapter_cards_say_what_they_are(corpus, tmp_path):
     assert delta.data.library_name == "hf_alphaedit" and 'edits="delta"' in delta.text
 
 
-# -- through the Hub (local emulator) --------------------------------------------------------------------------------
+# -- through the Hub (local emulator) ------------------------------------------------------------------------
 
 
 def _push_base(hub_api, repo_id: str, folder: Path) -> None:
@@ -326,8 +328,9 @@ def test_push_to_hub_checkpoint_round_trip(corpus, tmp_path, hub_server, hub_api
     files = _repo_files(hub_server, hub_api, repo)
     assert {"model.safetensors", "config.json", "README.md", "editing_config.json", "edit_log.jsonl",
             "edit_state.safetensors", "edit_state.json", "notes.md"} <= set(files)
-    assert not {"model-00001-of-00002.safetensors", "model.safetensors.index.json", "adapter_config.json"} & set(files)
-    _assert_nothing_private(files, str(tmp_path), str(corpus.parent), "hf_dummy_token_for_the_local_hub_emulator", "/tmp/")
+    assert not {"model-00001-of-00002.safetensors", "model.safetensors.index.json", "adapter_config.json"} & set(
+        files)
+    _assert_nothing_private(files, str(tmp_path), str(corpus.parent), os.environ["HF_TOKEN"], "/tmp/")
 
     loaded = AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32).eval()
     assert _max_diff(_logits(loaded), _logits(editor.model)) <= 1e-5
@@ -352,7 +355,7 @@ def test_push_edits_to_hub_lora_and_delta(corpus, tmp_path, hub_server, hub_api,
     editor.push_edits_to_hub(lora_repo, format="lora")
     files = _repo_files(hub_server, hub_api, lora_repo)
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "edit_log.jsonl"} <= set(files)
-    _assert_nothing_private(files, str(tmp_path), str(corpus.parent), "hf_dummy_token_for_the_local_hub_emulator", "/tmp/")
+    _assert_nothing_private(files, str(tmp_path), str(corpus.parent), os.environ["HF_TOKEN"], "/tmp/")
     assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == base_repo
     base = AutoModelForCausalLM.from_pretrained(base_repo, dtype=torch.float32)
     assert _max_diff(_logits(PeftModel.from_pretrained(base, lora_repo).eval()), edited) <= 1e-4
@@ -363,13 +366,14 @@ def test_push_edits_to_hub_lora_and_delta(corpus, tmp_path, hub_server, hub_api,
     assert _max_diff(_logits(loaded.model), edited) <= 1e-5
 
 
-# -- the real SmolLM2 ------------------------------------------------------------------------------------------------
+# -- the real SmolLM2 ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_smollm2_lora_export_after_real_edits(smollm2, shared_data, tmp_path):
     model, tokenizer = smollm2
-    args = EditingArguments(statistics_corpus=str(shared_data / "wikitext-2" / "valid.txt"), statistics_samples=300,
+    args = EditingArguments(statistics_corpus=str(shared_data / "wikitext-2" / "valid.txt"),
+                            statistics_samples=300,
                             statistics_cache_dir=str(tmp_path / "stats"), disable_tqdm=True, v_num_grad_steps=25)
     editor = AlphaEditModel(model, tokenizer, args)
     original = {layer: editor.spec.weight(model, layer).detach().clone() for layer in editor.hparams.layers}
