@@ -214,6 +214,7 @@ def save_checkpoint(editor: AlphaEditModel, output_dir: Path, run: dict[str, Any
     staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=output_dir))
     target = output_dir / name
     try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is as readable as any output
         editor.state.save(staging)
         tensors = {f"layer{layer}.weight": editor.spec.weight(editor.model, layer).detach().cpu().contiguous()
                    for layer in editor.hparams.layers}
@@ -337,10 +338,17 @@ def _atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _read_json(path: Path) -> Any:

@@ -671,6 +671,12 @@ def _configure_logging(common: CommonArguments) -> None:
     level = logging.WARNING if common.quiet else getattr(logging, common.log_level.upper())
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("hf_alphaedit").setLevel(level)
+    if common.quiet:  # the libraries' own bars (weight loading, downloads)
+        import huggingface_hub.utils
+        import transformers.utils.logging
+
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
 
 
 def _top_level_help() -> str:
