@@ -96,6 +96,15 @@ class EditingArguments:
     batch_size: int = _help("Edits per batch in sequential editing.", default=100)
     seed: int = _help("Seed for context-template sampling and anything else random.", default=0)
     output_dir: str | None = _help("Where edited checkpoints, logs and run state are written.", default=None)
+    save_steps: int | None = _help(
+        "Write a checkpoint of the sequential run into output_dir every this many batches (atomically: a run "
+        "killed at any moment resumes from the last one). Default: no checkpoints.", default=None)
+    resume_from_checkpoint: str | None = _help(
+        "Continue a sequential run from a checkpoint folder, or 'true' for the latest checkpoint in output_dir.",
+        default=None)
+    overwrite_output_dir: bool = _help(
+        "Let a run write into an output_dir that holds a different run (its checkpoints and edited model are "
+        "replaced).", default=False)
 
     statistics_corpus: str = _help(
         "Corpus for key statistics: a Hub dataset name ('name' or 'name:config') or a local .txt/.json/.jsonl "
@@ -182,6 +191,13 @@ class EditingArguments:
             raise ValueError(f"EditingArguments.nullspace_threshold={self.nullspace_threshold}: must be >= 0.")
         if self.nullspace_threshold_mode != "absolute" and (self.nullspace_threshold or 0) >= 1:
             raise ValueError(f"EditingArguments.nullspace_threshold={self.nullspace_threshold}: in mode "
+        if self.save_steps is not None and self.save_steps < 1:
+            raise ValueError(f"EditingArguments.save_steps={self.save_steps}: must be at least 1 (or unset for no "
+                             "checkpoints).")
+        self.resume_from_checkpoint = _resume_value(self.resume_from_checkpoint)
+        if self.resume_from_checkpoint == "true" and self.overwrite_output_dir:
+            raise ValueError("EditingArguments: resume_from_checkpoint='true' continues the run in output_dir and "
+                             "overwrite_output_dir=True would replace it; pass one of them.")
                              f"'{self.nullspace_threshold_mode}' it is a fraction and must be below 1.")
         from .methods import get_method_classes, projection_support  # late import: methods import this module
 
@@ -364,3 +380,12 @@ def _coerce_bool(name: str, value: Any) -> bool:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"EditingArguments.{name}={value!r}: choose one of {list(choices)}.")
+def _resume_value(value: Any) -> str | None:
+    """`resume_from_checkpoint` normalised: `"true"` (the latest checkpoint), a path, or None (YAML gives bools)."""
+    if value is None or value is False or str(value).strip().lower() in ("", "false"):
+        return None
+    if value is True or str(value).strip().lower() == "true":
+        return "true"
+    return str(value)
+
+
