@@ -176,6 +176,13 @@ class EditingArguments:
             self.prune_alpha = "e" if self.prune_alpha == math.e else f"{self.prune_alpha:g}"
         _check_choice("prune_alpha", self.prune_alpha, PRUNE_ALPHAS)
         _check_choice("prune_restrain_at", self.prune_restrain_at, PRUNE_RESTRAIN_AT)
+        if self.save_steps is not None and self.save_steps < 1:
+            raise ValueError(f"EditingArguments.save_steps={self.save_steps}: must be at least 1 (or unset for no "
+                             "checkpoints).")
+        self.resume_from_checkpoint = _resume_value(self.resume_from_checkpoint)
+        if self.resume_from_checkpoint == "true" and self.overwrite_output_dir:
+            raise ValueError("EditingArguments: resume_from_checkpoint='true' continues the run in output_dir and "
+                             "overwrite_output_dir=True would replace it; pass one of them.")
         for name in ("batch_size", "statistics_samples", "statistics_batch_tokens", "target_batch_tokens",
                      "context_template_length"):
             if getattr(self, name) < 1:
@@ -191,13 +198,6 @@ class EditingArguments:
             raise ValueError(f"EditingArguments.nullspace_threshold={self.nullspace_threshold}: must be >= 0.")
         if self.nullspace_threshold_mode != "absolute" and (self.nullspace_threshold or 0) >= 1:
             raise ValueError(f"EditingArguments.nullspace_threshold={self.nullspace_threshold}: in mode "
-        if self.save_steps is not None and self.save_steps < 1:
-            raise ValueError(f"EditingArguments.save_steps={self.save_steps}: must be at least 1 (or unset for no "
-                             "checkpoints).")
-        self.resume_from_checkpoint = _resume_value(self.resume_from_checkpoint)
-        if self.resume_from_checkpoint == "true" and self.overwrite_output_dir:
-            raise ValueError("EditingArguments: resume_from_checkpoint='true' continues the run in output_dir and "
-                             "overwrite_output_dir=True would replace it; pass one of them.")
                              f"'{self.nullspace_threshold_mode}' it is a fraction and must be below 1.")
         from .methods import get_method_classes, projection_support  # late import: methods import this module
 
@@ -377,9 +377,6 @@ def _coerce_bool(name: str, value: Any) -> bool:
     raise ValueError(f"{name}={value!r}: expected true or false.")
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"EditingArguments.{name}={value!r}: choose one of {list(choices)}.")
 def _resume_value(value: Any) -> str | None:
     """`resume_from_checkpoint` normalised: `"true"` (the latest checkpoint), a path, or None (YAML gives bools)."""
     if value is None or value is False or str(value).strip().lower() in ("", "false"):
@@ -389,3 +386,6 @@ def _resume_value(value: Any) -> str | None:
     return str(value)
 
 
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"EditingArguments.{name}={value!r}: choose one of {list(choices)}.")
