@@ -35,7 +35,7 @@ from .checkpointing import (
     latest_checkpoint,
 )
 from .hub import DEFAULT_MODEL
-from .methods import get_method_classes
+from .methods import get_method_classes, list_methods
 from .publishing import ADAPTER_CONFIG, EDIT_LOG, EDITING_CONFIG
 from .requests import as_edit_requests, load_records
 
@@ -522,12 +522,18 @@ def parse_command(command: Command, args: Sequence[str]) -> dict[type, Any]:
     file_values = read_config_file(known.config) if known.config else {}
     parser, types = build_parser(command, known.method or file_values.get("method"))
     destinations = {action.dest for action in parser._actions if action.dest != "help"}
+    # One config file serves every subcommand: keys that are another subcommand's flags are left out here.
+    other_commands = {key for key in file_values if key not in destinations and key in _all_flag_names()}
+    if other_commands:
+        logger.debug("--config %s: %s are not flags of %s; ignored", known.config, sorted(other_commands),
+                     command.name)
+    file_values = {key: value for key, value in file_values.items() if key not in other_commands}
     unknown = sorted(set(file_values) - destinations)
     if unknown:
         hints = "".join(f" ('{key}': did you mean '{match[0]}'?)" for key in unknown
                         if (match := difflib.get_close_matches(key, destinations, n=1)))
-        raise UsageError(f"--config {known.config}: unknown key(s) {unknown}{hints}; keys are the flag names of "
-                         f"`{PROG} {command.name}` without '--' (see --help).")
+        raise UsageError(f"--config {known.config}: unknown key(s) {unknown}{hints}; keys are flag names without "
+                         f"'--' (see `{PROG} {command.name} --help`).")
     if any(arg in ("-h", "--help") for arg in args):
         parser.set_defaults(**file_values)  # shows the effective values in --help
         parser.print_help()
@@ -547,6 +553,13 @@ def parse_command(command: Command, args: Sequence[str]) -> dict[type, Any]:
     values = {**file_values, **vars(namespace)}
     return {cls: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.init and f.name in values})
             for cls in types}
+
+
+def _all_flag_names() -> set[str]:
+    """Every flag name of every subcommand, with the config fields of every registered method."""
+    classes = {cls for command in COMMANDS.values() for cls in command.arguments}
+    classes |= {config_cls for name in list_methods() if (config_cls := get_method_classes(name)[0]) is not None}
+    return {f.name for cls in classes for f in dataclasses.fields(cls)}
 
 
 def read_config_file(path: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_alphaedit import EditingArguments
-from hf_alphaedit.cli import COMMANDS, UsageError, main, parse_command
+from hf_alphaedit.cli import COMMANDS, ModelArguments, UsageError, main, parse_command
 from hf_alphaedit.methods import MemitConfig
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
@@ -32,6 +32,7 @@ RECORDS = [
      "target_true": "football"},
 ]
 KILL_TIMEOUT_S = 240
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,19 @@ def test_config_file_values_are_typed_and_flags_override_them(tmp_path):
     with pytest.raises(UsageError, match=r"'statistics_corpuss': did you mean 'statistics_corpus'"):
         (tmp_path / "typo.yaml").write_text("statistics_corpuss: x.txt\n", encoding="utf-8")
         parse_command(COMMANDS["edit"], ["--config", str(tmp_path / "typo.yaml"), "--requests", "x.json"])
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "examples" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_example_configs_parse_for_every_subcommand(config):
+    parsed = parse_command(COMMANDS["edit"], ["--config", str(config), "--requests", "examples/edits.json"])
+    args = parsed[EditingArguments]
+    assert args.method == "alphaedit" and isinstance(args.statistics_samples, int)
+    assert isinstance(args.nullspace_threshold, float) and isinstance(args.l2, float)
+    assert parsed[ModelArguments].model_name_or_path
+    stats = parse_command(COMMANDS["stats"], ["--config", str(config)])[EditingArguments]
+    assert stats.to_dict() == args.to_dict()
+    export = parse_command(COMMANDS["export"], ["--config", str(config), "--edits", "x", "--output_dir", "y"])
+    assert export[ModelArguments] == parsed[ModelArguments]
 
 
 # -- bad input: one clear line, nothing edited ---------------------------------------------------------------------
@@ -210,8 +224,9 @@ def test_info_export_evaluate_push_and_stats(setup, uninterrupted, tmp_path, cap
     assert (description["kind"], description["edits"], description["layers"]) == ("edited model", 3, [1, 2])
 
     lora = tmp_path / "lora"
-    status, _, _ = _run(["export", "--edits", str(uninterrupted), "--model_name_or_path", str(setup["model"]),
-                         "--output_dir", str(lora), "--quiet"], capsys)
+    # The editing config serves export too: its editing keys are flags of other subcommands and left out.
+    status, _, _ = _run(["export", "--config", str(setup["config"]), "--edits", str(uninterrupted),
+                         "--output_dir", str(lora)], capsys)
     assert status == 0 and json.loads((lora / "adapter_config.json").read_text())["r"] == len(RECORDS)
 
     results = tmp_path / "results.json"
