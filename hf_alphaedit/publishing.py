@@ -417,7 +417,7 @@ def save_checkpoint(model: AlphaEditModel, directory: str | os.PathLike, model_n
     """Write the edited model as a transformers checkpoint (safetensors + tokenizer), edit files and card."""
     target = Path(directory).expanduser()
     with _replaced_directory(target) as staging:
-        model.model.save_pretrained(staging, safe_serialization=True)
+        model.model.save_pretrained(staging)
         model.tokenizer.save_pretrained(staging)
         model.state.save(staging)
         _write_common_files(model, staging, "checkpoint", model_name or target.resolve().name)

@@ -373,8 +373,8 @@ def test_push_edits_to_hub_lora_and_delta(corpus, tmp_path, hub_server, hub_api,
 def test_smollm2_lora_export_after_real_edits(smollm2, shared_data, tmp_path):
     model, tokenizer = smollm2
     args = EditingArguments(statistics_corpus=str(shared_data / "wikitext-2" / "valid.txt"),
-                            statistics_samples=300,
-                            statistics_cache_dir=str(tmp_path / "stats"), disable_tqdm=True, v_num_grad_steps=25)
+                            statistics_samples=100,
+                            statistics_cache_dir=str(tmp_path / "stats"), disable_tqdm=True, v_num_grad_steps=15)
     editor = AlphaEditModel(model, tokenizer, args)
     original = {layer: editor.spec.weight(model, layer).detach().clone() for layer in editor.hparams.layers}
     ids = tokenizer(PROBE, return_tensors="pt")["input_ids"]
