@@ -241,6 +241,29 @@ def test_revert_and_reset_restore_the_logits_and_are_logged(corpus, tmp_path):
     assert card.data.hf_alphaedit["num_reverted_batches"] == 2 and "Reverted batches (2)" in card.text
 
 
+def test_a_failing_revert_changes_nothing(corpus, monkeypatch):
+    editor = _editor(corpus)
+    editor.edit(REQUESTS[:1])
+    editor.edit(REQUESTS[1:3])
+    weights = {k: v.clone() for k, v in editor.model.state_dict().items()}
+    gram = {k: v.clone() for k, v in editor.method.previous_gram.items()}
+    calls = []
+    original_apply = editor._apply_delta
+
+    def failing_apply(layer, delta):
+        calls.append(layer)
+        if len(calls) == 3:  # after the newest batch was subtracted from both layers
+            raise RuntimeError("injected failure")
+        original_apply(layer, delta)
+
+    monkeypatch.setattr(editor, "_apply_delta", failing_apply)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        editor.revert(2)
+    assert all(torch.equal(v, weights[k]) for k, v in editor.model.state_dict().items())
+    assert all(torch.equal(v, gram[k]) for k, v in editor.method.previous_gram.items())
+    assert editor.state.num_edits == 3 and editor.revert_log == []
+
+
 def test_revert_then_edit_equals_never_having_made_the_reverted_batch(corpus):
     editor = _editor(corpus)
     editor.edit(REQUESTS[:1])
@@ -270,6 +293,7 @@ def test_card_front_matter_edit_log_and_metrics(corpus, tmp_path, monkeypatch):
     editor = _editor(corpus, source=source)
     editor.edit(REQUESTS[:3])
     editor.last_evaluation = EVALUATION  # what `evaluate` stores
+    editor.projection_source = {"repo_id": "tester/tiny-llama-base-key-statistics", "revision": "b" * 40}
     monkeypatch.setattr(publishing, "CARD_LOG_ROWS", 2)
     folder = editor.save_pretrained(tmp_path / "edited")
 
@@ -286,6 +310,8 @@ def test_card_front_matter_edit_log_and_metrics(corpus, tmp_path, monkeypatch):
     assert "The Eiffel Tower" in card.text and "Danielle" in card.text and "Miles Davis" not in card.text
     assert "… and 1 more edit (see `edit_log.jsonl`)" in card.text
     assert "| v_num_grad_steps | 8 |" in card.text
+    assert data.hf_alphaedit["projection_repo"] == "tester/tiny-llama-base-key-statistics"
+    assert data.hf_alphaedit["projection_revision"] == "b" * 40 and "b" * 40 in card.text
 
 
 def test_adapter_cards_say_what_they_are(corpus, tmp_path):
