@@ -503,8 +503,10 @@ def build_parser(command: Command, method: str | None) -> tuple[HfArgumentParser
         config_cls, _ = get_method_classes(method or EditingArguments.method)
         if config_cls is not None:
             types.append(config_cls)
+    required = [f"--{f.name} {f.name.upper()}" for cls in types for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     parser = HfArgumentParser(types, prog=f"{PROG} {command.name}", description=command.description,
-                              allow_abbrev=False)
+                              usage=" ".join(["%(prog)s", *required, "[--config FILE] [flags]"]), allow_abbrev=False)
     return parser, types
 
 
