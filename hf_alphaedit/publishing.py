@@ -507,6 +507,8 @@ def read_published_edits(edits: str | os.PathLike, revision: str | None = None,
     """Read edits from a local folder or Hub repo written by `save_pretrained` or `save_edits(format="delta")`."""
     folder = Path(edits).expanduser()
     if not folder.is_dir():
+        if folder.is_absolute() or str(edits).startswith((".", "~")) or str(edits).count("/") > 1:
+            raise FileNotFoundError(f"edits={str(edits)!r}: no such folder (and not a Hub repo id 'namespace/name').")
         folder = download_edit_files(str(edits), revision=revision, token=token)
     if not (folder / STATE_JSON).is_file():
         hint = (" It is a LoRA adapter: load it with peft.PeftModel.from_pretrained(base_model, ...), or "

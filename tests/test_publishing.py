@@ -208,6 +208,8 @@ def test_edits_refuse_the_wrong_base_model(corpus, tmp_path):
     lora = editor.save_edits(tmp_path / "lora", format="lora")
     with pytest.raises(ValueError, match="PeftModel.from_pretrained"):
         AlphaEditModel.from_pretrained(str(_save_base(tmp_path / "base")), edits=lora)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        AlphaEditModel.from_pretrained(str(tmp_path / "base"), edits=tmp_path / "missing")
     with pytest.raises(ValueError, match="format='zip'"):
         editor.save_edits(tmp_path / "zip", format="zip")
 
