@@ -198,8 +198,8 @@ def _git_pattern_matches(pattern: str, path: str) -> bool:
     if pattern.endswith("/"):
         folder = pattern.strip("/")
         return any(
-            fnmatch.fnmatchcase(part, folder) if "/" not in folder else fnmatch.fnmatchcase(prefix, folder)
-            for prefix, part in _folder_prefixes(path)
+            fnmatch.fnmatchcase(prefix if "/" in folder else name, folder)
+            for prefix, name in _folder_prefixes(path)
         )
     if "/" not in pattern:
         return fnmatch.fnmatchcase(path.rsplit("/", 1)[-1], pattern)
@@ -234,10 +234,13 @@ def _card_data(readme: bytes) -> dict[str, Any] | None:
 
 
 class _HubState:
-    """Repos, commits and the LFS store, with one method per endpoint. Callers hold ``lock``."""
+    """Repos, commits and the content-addressed LFS store, and the lookups the endpoints share.
+
+    Callers hold ``lock`` for the whole of a request, so every request sees and leaves a consistent state.
+    """
 
     def __init__(self, tree_page_size: int) -> None:
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
         self.repos: dict[tuple[str, str], _Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
         self.tree_page_size = tree_page_size

@@ -266,6 +266,21 @@ def test_second_commit_deletes_stale_files_and_old_revision_stays_readable(
     assert [commit.commit_id for commit in hub_api.list_repo_commits(repo_id)][:3] == [second, copied, first]
 
 
+def test_files_matching_the_gitignore_are_not_committed(
+    hub_api: HfApi, unique_repo_id: Callable[[str], str]
+) -> None:
+    repo_id = unique_repo_id("gitignore")
+    hub_api.create_repo(repo_id)
+    operations = [
+        CommitOperationAdd(".gitignore", b"*.log\ncache/\n"),
+        CommitOperationAdd("debug.log", b"noise"),
+        CommitOperationAdd("cache/entry.txt", b"noise"),
+        CommitOperationAdd("logs.txt", b"kept"),
+    ]
+    hub_api.create_commit(repo_id, operations, commit_message="with a .gitignore")
+    assert sorted(hub_api.list_repo_files(repo_id)) == [".gitattributes", ".gitignore", "logs.txt"]
+
+
 def test_branches_tags_pull_requests_and_parent_commit(
     hub_api: HfApi, hub_server: HubServer, unique_repo_id: Callable[[str], str], fresh_hf_cache: Path
 ) -> None:
