@@ -118,6 +118,21 @@ class EditingArguments:
     statistics_cache_dir: str | None = _help(
         "Where collected statistics are cached. Default: $HF_ALPHAEDIT_CACHE/statistics or "
         "~/.cache/hf_alphaedit/statistics.", default=None)
+    projection: str = _help(
+        "Where key statistics and the null-space projector come from: 'auto' (use the Hub artifact "
+        "<$HF_ALPHAEDIT_NAMESPACE or hf-alphaedit>/<model name>-key-statistics when it exists and fits the model, "
+        "else compute from statistics_corpus and cache locally), 'compute' (never look on the Hub), a Hub repo "
+        "id, or a local artifact folder.", default="auto")
+    projection_revision: str | None = _help("Revision (branch, tag or commit) of a Hub projection artifact.",
+                                            default=None)
+    push_projection_to_hub: bool = _help(
+        "Upload statistics and projector computed in this run to projection_hub_repo_id (default: "
+        "<your namespace>/<model name>-key-statistics).", default=False)
+    projection_hub_repo_id: str | None = _help("Hub repo the computed projection artifact is pushed to.",
+                                               default=None)
+    hub_private_repo: bool | None = _help("Create pushed repos as private.", default=None)
+    hub_token: str | None = _help("Hub token for pushes and private artifacts (default: the logged-in token).",
+                                  default=None)
 
     nullspace_threshold: float | None = _help(
         "Null-space threshold τ. Mode 'absolute' (reference): eigenvalues of the mean key second moment below τ. "

@@ -13,13 +13,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from torch import nn
 
 from . import __version__, publishing
 from .architectures import ModelSpec, resolve_model_spec
 from .arguments import EditingArguments
+from .artifacts import (
+    ArtifactError,
+    LoadedArtifact,
+    check_artifact,
+    default_artifact_repo_id,
+    load_artifact,
+    model_provenance,
+)
 from .corpus import corpus_fingerprint, load_corpus_texts
-from .hub import DEFAULT_MODEL, ModelSource, load_model_and_tokenizer
+from .hub import DEFAULT_MODEL, ModelSource, hub_namespace, load_model_and_tokenizer
 from .methods import (
     BatchUpdate,
     EditContext,
@@ -103,6 +112,11 @@ class AlphaEditModel:
         self.hparams = args.resolve(self.spec)
         self.state = EditState(args.method, list(self.hparams.layers))
         self._statistics: dict[int, KeyStatistics] = {}
+        self._projectors: dict[tuple[int, ...], NullSpaceProjector] = {}
+        self._artifact: LoadedArtifact | None = None
+        self._artifact_resolved = False
+        # {"repo_id", "revision", "files"} of the Hub artifact the statistics came from or were pushed to.
+        self.projection_source: dict[str, Any] | None = None
         self._method: Any = None
         self._restraint: PruneRestraint | None = None  # PRUNE (editing_args.prune), built with the method
         # The method's sequential state right after it was built (see `_rebuild_method_state`).
@@ -162,13 +176,6 @@ class AlphaEditModel:
             self._rebuild_method_state()
         return self._method
 
-    @property
-    def projector(self) -> NullSpaceProjector:
-        """The null-space projector AlphaEdit edits with."""
-        projector = getattr(self.method, "projector", None)
-        if projector is None:
-            raise ValueError(f"method {self.editing_args.method!r} does not use a null-space projector")
-        return projector
 
     def edit(self, requests: EditRequest | Mapping | Iterable[EditRequest | Mapping], *,
              batch_size: int | None = None, show_progress: bool | None = None) -> EditResult:
@@ -360,7 +367,11 @@ class AlphaEditModel:
     # -- statistics --------------------------------------------------------------------------------------------
 
     def key_statistics(self, layers: Sequence[int]) -> KeyStatistics:
-        """Key statistics of `layers`: from memory, the disk cache, or one collection pass for the missing ones."""
+        """Key statistics of `layers`: from the projection artifact (`editing_args.projection`), memory, the disk
+        cache, or one collection pass for the missing ones."""
+        artifact = self._projection_artifact()
+        if artifact is not None and set(layers) <= set(artifact.statistics.layers):
+            return artifact.statistics.subset(layers)
         args = self.editing_args
         missing = [layer for layer in layers if layer not in self._statistics]
         cache_dir = Path(args.statistics_cache_dir or os.path.join(
@@ -397,15 +408,86 @@ class AlphaEditModel:
                 save_layer_statistics(paths[layer], single, layer)
                 self._statistics[layer] = single
         parts = [self._statistics[layer] for layer in layers]
+        metadata = {**(parts[0].metadata if parts else {}), **model_provenance(self.spec, self.source, layers)}
         return KeyStatistics({layer: s.sums[layer] for layer, s in zip(layers, parts, strict=True)},
-                             {layer: s.counts[layer] for layer, s in zip(layers, parts, strict=True)},
-                             dict(parts[0].metadata) if parts else {})
+                             {layer: s.counts[layer] for layer, s in zip(layers, parts, strict=True)}, metadata)
 
     def null_space_projector(self, layers: Sequence[int]) -> NullSpaceProjector:
-        """The null-space projector of `layers` for the run's threshold, built from the key statistics."""
+        """The null-space projector of `layers` for the run's threshold.
+
+        Taken from the projection artifact when it holds one for this threshold, else built from the key
+        statistics (an artifact's statistics serve any other threshold without a new pass over the corpus).
+        A projector computed here is pushed to the Hub when `editing_args.push_projection_to_hub` is set.
+        """
+        layers = tuple(sorted(layers))
+        if layers in self._projectors:
+            return self._projectors[layers]
         hp = self.hparams
-        return NullSpaceProjector.from_statistics(self.key_statistics(layers), hp.nullspace_threshold,
-                                                  hp.nullspace_threshold_mode)
+        artifact = self._projection_artifact()
+        stored = artifact.projector if artifact is not None else None
+        if (stored is not None and set(layers) <= set(stored.layers)
+                and (stored.threshold, stored.threshold_mode) == (hp.nullspace_threshold, hp.nullspace_threshold_mode)):
+            projector = stored
+        else:
+            projector = NullSpaceProjector.from_statistics(self.key_statistics(layers), hp.nullspace_threshold,
+                                                           hp.nullspace_threshold_mode)
+        self._projectors[layers] = projector
+        if artifact is None and self.editing_args.push_projection_to_hub:
+            self.push_projection_to_hub()
+        return projector
+
+    @property
+    def projector(self) -> NullSpaceProjector:
+        """The null-space projector this model edits with (for the edited layers)."""
+        if not self.hparams.use_projection:
+            raise ValueError(f"method {self.editing_args.method!r} edits without the null-space projection; set "
+                             "EditingArguments.use_projection=True, or call null_space_projector(layers) to "
+                             "build one anyway.")
+        projector = getattr(self._method, "projector", None)
+        return projector if projector is not None else self.null_space_projector(self.hparams.layers)
+
+    def push_projection_to_hub(self, repo_id: str | None = None, *, private: bool | None = None,
+                               token: str | bool | None = None) -> str:
+        """Upload the key statistics and projector of the edited layers; returns the commit sha.
+
+        `repo_id` defaults to `editing_args.projection_hub_repo_id`, else `<your namespace>/<model>-key-statistics`.
+        """
+        args = self.editing_args
+        token = token if token is not None else args.hub_token
+        projector = self.null_space_projector(self.hparams.layers)
+        repo_id = repo_id or args.projection_hub_repo_id or default_artifact_repo_id(
+            self.source.name_or_path, namespace=hub_namespace(token))
+        commit = projector.push_to_hub(repo_id, private=private if private is not None else args.hub_private_repo,
+                                       token=token)
+        self.projection_source = {"repo_id": repo_id, "revision": commit}
+        logger.info("pushed the key statistics and projector of layers %s to %s@%s", projector.layers, repo_id,
+                    commit[:12])
+        return commit
+
+    def _projection_artifact(self) -> LoadedArtifact | None:
+        """The artifact `editing_args.projection` names (fetched and checked once), or None to compute locally."""
+        if self._artifact_resolved:
+            return self._artifact
+        args, layers = self.editing_args, list(self.hparams.layers)
+        choice = args.projection
+        self._artifact_resolved = True
+        if choice == "compute" or (choice == "auto" and self.source.origin == "local"):
+            return None
+        name = default_artifact_repo_id(self.source.name_or_path) if choice == "auto" else choice
+        try:
+            artifact = load_artifact(name, revision=args.projection_revision, layers=layers, token=args.hub_token)
+            check_artifact(artifact.config, self.spec, self.source, layers)
+        except (ArtifactError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as err:
+            if choice != "auto":
+                self._artifact_resolved = False
+                raise
+            logger.info("projection='auto': no usable artifact at %s (%s: %s); computing the key statistics from "
+                        "%s", name, type(err).__name__, err, args.statistics_corpus)
+            return None
+        logger.info("using the key statistics%s of %s", " and projector" if artifact.projector else "", name)
+        self._artifact = artifact
+        self.projection_source = artifact.source
+        return artifact
 
     def _statistics_max_length(self) -> int:
         if self.editing_args.statistics_max_length is not None:

@@ -410,7 +410,7 @@ def test_memit_method_edits(corpus):
     before = model.spec.weight(model.model, 2).clone()
     model.edit(REQUESTS)
     assert not torch.equal(before, model.spec.weight(model.model, 2))
-    with pytest.raises(ValueError, match="null-space projector"):
+    with pytest.raises(ValueError, match="edits without the null-space projection"):
         _ = model.projector
 
 
