@@ -141,6 +141,8 @@ class EditCommandArguments:
     hub_model_id: str | None = _flag("Hub repo the edited model is pushed to.", default=None)
     do_eval: bool = _flag("Evaluate the requests before and after editing (efficacy, generalization, "
                           "specificity); the metrics go into the summary and the model card.", default=False)
+    show_answers: int = _flag("Print the model's greedy answer to the prompts of the first this many requests, "
+                              "before and after editing.", default=0)
 
     def __post_init__(self) -> None:
         coerce_scalar_fields(self)
@@ -287,7 +289,11 @@ def _run_edit(parsed: Parsed) -> None:
         logger.warning("neither --output_dir nor --push_to_hub: the edited model will not be kept")
     start = time.perf_counter()
     editor = _load_editor(parsed)
+    shown = requests[:edit_args.show_answers]
+    answers_before = _greedy_answers(editor, shown)
     run = edit_sequentially(editor, requests)
+    if shown:
+        _print_answers(shown, answers_before, _greedy_answers(editor, shown))
     evaluation = None
     if edit_args.do_eval:
         evaluation = editor.evaluate(requests, baseline=True, show_progress=False if args.disable_tqdm else None)
@@ -671,6 +677,27 @@ def _hub_location(source: Mapping[str, Any] | None) -> str | None:
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _greedy_answers(editor: Any, requests: Sequence[Any], new_tokens: int = 8) -> list[str]:
+    """The first line of the model's greedy continuation of each request's prompt."""
+    if not requests:
+        return []
+    from .evaluation.scorer import encode_prompt, generate_texts
+
+    prompts = [request.prompt_with_subject for request in requests]
+    longest = max(len(encode_prompt(editor.tokenizer, prompt)) for prompt in prompts)
+    texts = generate_texts(editor.model, editor.tokenizer, prompts, max_length=longest + new_tokens,
+                           do_sample=False, show_progress=False)
+    return [text[len(prompt):].strip().split("\n")[0] if text.startswith(prompt) else text
+            for prompt, text in zip(prompts, texts, strict=True)]
+
+
+def _print_answers(requests: Sequence[Any], before: Sequence[str], after: Sequence[str]) -> None:
+    print("\nanswers (greedy)\n--------------------")
+    for request, old, new in zip(requests, before, after, strict=True):
+        print(f"  {request.prompt_with_subject} ...\n      before: {old}\n      after:  {new}"
+              f"   (target: {request.target_new})")
 
 
 def _print_summary(title: str, rows: Sequence[tuple[str, Any]]) -> None:
