@@ -13,10 +13,14 @@ import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.hub_server import HubServer
+
+if TYPE_CHECKING:  # imported lazily below: the environment must be set before any Hugging Face import
+    from huggingface_hub import HfApi
 
 # Set before any Hugging Face library is imported: several of these are read only at import time
 # (HUB_INTEGRATION.md §0 and §1.4), and the endpoint is copied into constants by every library.
@@ -44,7 +48,7 @@ def hub_server() -> HubServer:
 
 
 @pytest.fixture
-def hub_api():
+def hub_api() -> HfApi:
     """An ``HfApi()`` for the emulator (endpoint and dummy token from the environment)."""
     from huggingface_hub import HfApi
 
