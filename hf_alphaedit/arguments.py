@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -360,7 +361,8 @@ def _scalar_field_kinds(cls: type) -> dict[str, type]:
     for name, hint in typing.get_type_hints(cls).items():
         if name not in field_names:  # ClassVars
             continue
-        options = set(typing.get_args(hint)) - {type(None)} or {hint}
+        is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        options = set(typing.get_args(hint)) - {type(None)} if is_union else {hint}
         if len(options) == 1 and (kind := options.pop()) in (float, int, bool):
             kinds[name] = kind
     return kinds

@@ -523,3 +523,23 @@ def test_edit_context_is_what_methods_receive(corpus):
     model = AlphaEditModel(tiny_causal_lm("llama"), tiny_tokenizer(), _args(corpus))
     assert isinstance(model.method.context, EditContext)
     assert model.method.context.hparams is model.hparams
+
+
+def test_scalar_coercion_leaves_list_fields_alone():
+    """A `list[int]` field is not a scalar: values from YAML/JSON are converted only for scalar fields."""
+    from dataclasses import dataclass, field
+
+    from hf_alphaedit.arguments import coerce_scalar_fields
+
+    @dataclass
+    class Config:
+        lengths: list[int] = field(default_factory=lambda: [5, 10])
+        steps: int | None = None
+        rate: float = 1.0
+
+        def __post_init__(self) -> None:
+            coerce_scalar_fields(self)
+
+    assert Config(steps="3", rate="1e-4") == Config([5, 10], 3, 1e-4)
+    with pytest.raises(ValueError, match="Config.steps='x': expected a int"):
+        Config(steps="x")
