@@ -9,7 +9,7 @@ one model per method, with key statistics from WikiText-2. After all batches (an
 records edited so far are evaluated (efficacy / generalization / specificity, §10.2); the general-capability
 suite (§10.7) runs on the unedited model and after the last batch. Writes into the output folder:
 `base/edits_0000.json`, `<method>/edits_NNNN.json` (one atomic file per checkpoint; existing ones are skipped on a
-rerun, and `<method>/resume/` holds the edited weights of the last checkpoint so a run continues from there),
+rerun, and `<method>/resume/` holds the edited weights after the last finished batch, so a run continues there),
 `results.json`, `results.md` and `metrics_vs_edits.png`, `general.png`.
 
 `--scorer_speedup` instead times the batched scorer against the reference's one-forward-per-record loop on the
@@ -153,10 +153,8 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
         edit_seconds += result.seconds
         edited = min(batch * args.batch_size, len(records))
         print(f"[{method}] batch {batch}/{num_batches}: {result.seconds:.0f}s ({edit_seconds:.0f}s so far)", flush=True)
-        if batch not in checkpoints:
-            continue
         path = checkpoint_path(args.output_dir, method, edited)
-        if not path.exists():
+        if batch in checkpoints and not path.exists():
             result_dict = evaluate_checkpoint(model, records[:edited], args, general=batch == num_batches)
             result_dict.update(method=method, batch_size=args.batch_size, edit_seconds=edit_seconds)
             write_json(path, result_dict)

@@ -177,13 +177,15 @@ def test_general_suite_scores_every_task_and_reference_compat_inverts_rte(shared
 
 
 @pytest.mark.slow
-def test_smollm2_efficacy_moves_to_90_after_a_few_edits(smollm2, shared_data, tmp_path):
+def test_smollm2_efficacy_moves_to_90_after_a_few_edits(smollm2, shared_data, tmp_path_factory):
     from hf_alphaedit import AlphaEditModel, EditingArguments
 
     model, tokenizer = smollm2
     original = {k: v.clone() for k, v in model.state_dict().items()}
     args = EditingArguments(statistics_corpus=str(shared_data / "wikitext-2" / "valid.txt"),
-                            statistics_samples=1000, disable_tqdm=True, statistics_cache_dir=str(tmp_path))
+                            statistics_samples=1000, disable_tqdm=True,
+                            # the folder test_smollm2 uses: one statistics pass per session for both
+                            statistics_cache_dir=str(tmp_path_factory.getbasetemp() / "smollm2-statistics"))
     editor = AlphaEditModel(model, tokenizer, args)
     records = _flat_records(shared_data, 8)
     try:
