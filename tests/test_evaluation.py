@@ -20,7 +20,7 @@ from hf_alphaedit.evaluation import (
 )
 from hf_alphaedit.evaluation.scorer import leading_special_ids
 
-PROMPTS = ["The mother tongue of Danielle Darrieux is", "Paris is the capital of", "The Eiffel Tower is in",
+PROMPTS = ["The small robot in our lab speaks", "Paris is the capital of", "The Eiffel Tower is in",
            "In the year of"]
 TARGETS = ["English", "France", "the city of Rome", "the"]
 
