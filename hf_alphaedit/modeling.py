@@ -176,7 +176,6 @@ class AlphaEditModel:
             self._rebuild_method_state()
         return self._method
 
-
     def edit(self, requests: EditRequest | Mapping | Iterable[EditRequest | Mapping], *,
              batch_size: int | None = None, show_progress: bool | None = None) -> EditResult:
         """Apply `requests` sequentially in batches of `batch_size` (default `editing_args.batch_size`).
@@ -278,7 +277,7 @@ class AlphaEditModel:
         snapshot = self._snapshot()
         try:
             for layer in sorted({u.layer for record in self.state.batches for u in record.layers}):
-                self._apply_delta(layer, -self.state.accumulated_delta(layer))
+                self._apply_delta(layer, -self.state.accumulated_delta(layer).to(self.device))
             yield
         finally:
             self._restore(snapshot)
@@ -515,13 +514,8 @@ class AlphaEditModel:
         from .evaluation import evaluate_edits
 
         if baseline is True:
-            snapshot = self._snapshot()
-            try:
-                for layer in sorted({u.layer for batch in self.state.batches for u in batch.layers}):
-                    self._apply_delta(layer, -self.state.accumulated_delta(layer).to(self.device))
+            with self._without_applied_edits():
                 baseline = evaluate_edits(self.model, self.tokenizer, records_or_dataset, **kwargs)
-            finally:
-                self._restore(snapshot)
         results = evaluate_edits(self.model, self.tokenizer, records_or_dataset,
                                  baseline=baseline or None, **kwargs)
         self.last_evaluation = results
