@@ -407,7 +407,8 @@ def push_artifact(statistics: KeyStatistics, projector: NullSpaceProjector | Non
         write_artifact(folder, statistics, projector)
         message = commit_message or (f"Key statistics{' and null-space projector' if projector else ''} for "
                                      f"layers {statistics.layers} (hf_alphaedit {__version__})")
-        return upload_folder_replacing(folder, repo_id, private=private, token=token, commit_message=message)
+        return upload_folder_replacing(folder, repo_id, private=private, token=token,
+                                       commit_message=message).oid
 
 
 def check_artifact_for_model(config: dict[str, Any], model: Any, layers: Sequence[int], *,

@@ -17,15 +17,15 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+from huggingface_hub import CommitInfo, try_to_load_from_cache
 from huggingface_hub import constants as hub_constants
-from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from transformers import (
     AutoConfig,
@@ -345,19 +345,20 @@ def download_snapshot(repo_id: str, *, revision: str | None = None, token: str |
 
 
 def upload_folder_replacing(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None,
-                            token: str | bool | None = None, commit_message: str) -> str:
-    """Create `repo_id` if needed and make its content exactly `folder` in one commit; returns the commit sha.
+                            token: str | bool | None = None, commit_message: str,
+                            delete_patterns: Sequence[str] = ("*",)) -> CommitInfo:
+    """Create `repo_id` if needed and commit `folder` to it in one commit.
 
-    Files of a previous upload that `folder` no longer has are deleted in the same commit (pushes never delete
-    anything by themselves, and a stale file can shadow a new one).
+    Remote files matching `delete_patterns` that `folder` no longer has are deleted in the same commit (pushes
+    never delete anything by themselves, and a stale file can shadow a new one); the default makes the repo
+    hold exactly `folder`.
     """
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
-                             delete_patterns=["*"])
-    return info.oid
+    return api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
+                             delete_patterns=list(delete_patterns))
 
 
 def hub_namespace(token: str | bool | None = None) -> str:

@@ -9,7 +9,7 @@ Every published folder holds, next to its weights:
 Full checkpoints and delta folders also hold the edit state (`edit_state.safetensors` + `edit_state.json`, the
 per-batch factors and keys), so editing can continue after `AlphaEditModel.from_pretrained(base, edits=...)`.
 
-Hub I/O is limited to the thin helpers at the end (`upload_folder` with `delete_patterns`, `snapshot_download`).
+Hub I/O goes through `hub.upload_folder_replacing` (with `delete_patterns`) and `hub.download_snapshot`.
 """
 
 from __future__ import annotations
@@ -30,14 +30,22 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import jinja2
 import torch
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, snapshot_download
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import save_file
 
 from . import __version__
 from .arguments import EditingArguments
 from .cards import card_template
-from .hub import DEFAULT_MODEL, EMBEDDED_GGUF_FILE, EMBEDDED_ORIGIN, EMBEDDED_PACKAGE, ModelSource
+from .hub import (
+    DEFAULT_MODEL,
+    EMBEDDED_GGUF_FILE,
+    EMBEDDED_ORIGIN,
+    EMBEDDED_PACKAGE,
+    ModelSource,
+    download_snapshot,
+    upload_folder_replacing,
+)
 from .methods.base import LayerUpdate
 from .state import STATE_JSON, STATE_TENSORS, BatchRecord, EditState
 
@@ -550,13 +558,12 @@ def apply_published_edits(model: AlphaEditModel, edits: PublishedEdits) -> None:
 def push_folder(folder: Path, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
                 commit_message: str) -> CommitInfo:
     """Create `repo_id` if needed and commit `folder` to it, deleting stale files of earlier pushes."""
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
-                             delete_patterns=STALE_FILE_PATTERNS)
+    return upload_folder_replacing(folder, repo_id, private=private, token=token, commit_message=commit_message,
+                                   delete_patterns=STALE_FILE_PATTERNS)
 
 
 def download_edit_files(repo_id: str, *, revision: str | None = None, token: str | bool | None = None) -> Path:
     """Download the edit files of a published checkpoint or delta repo (not its weights)."""
-    return Path(snapshot_download(repo_id, revision=revision, token=token,
-                                  allow_patterns=[*PUBLISHED_FILES, ADAPTER_CONFIG]))
+    return download_snapshot(repo_id, revision=revision, token=token,
+                             allow_patterns=[*PUBLISHED_FILES, ADAPTER_CONFIG])[0]
+
