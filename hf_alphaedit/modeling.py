@@ -534,11 +534,15 @@ def _method_config(method: str, config: Any) -> Any:
 
 
 def _method_state(method: Any) -> dict[str, Any]:
-    """Copies of a method's tensor state (e.g. AlphaEdit's previous-edit Gram matrices), for atomic batches."""
+    """Copies of the tensors a method's `commit` changes (e.g. AlphaEdit's previous-edit Gram matrices), for atomic
+    batches; a method that does not declare `sequential_state` gets every dict-of-tensors attribute copied."""
     if method is None:
         return {}
-    return {name: {k: v.clone() for k, v in value.items()} for name, value in vars(method).items()
-            if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values())}
+    names = getattr(method, "sequential_state", None)
+    if names is None:
+        names = [name for name, value in vars(method).items()
+                 if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values())]
+    return {name: {k: v.clone() for k, v in getattr(method, name).items()} for name in names}
 
 
 def _restore_method_state(method: Any, state: dict[str, Any]) -> None:

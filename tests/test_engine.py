@@ -543,3 +543,38 @@ def test_scalar_coercion_leaves_list_fields_alone():
     assert Config(steps="3", rate="1e-4") == Config([5, 10], 3, 1e-4)
     with pytest.raises(ValueError, match="Config.steps='x': expected a int"):
         Config(steps="x")
+
+
+@pytest.mark.parametrize("method, protect, state", [
+    ("alphaedit", True, {"previous_gram"}), ("alphaedit", False, set()),
+    ("memit", True, {"preserved"}), ("memit", False, set()), ("nse", True, {"preserved"}),
+    ("rome", True, set()), ("ft", True, set())])
+def test_the_per_batch_snapshot_copies_only_what_commit_changes(corpus, method, protect, state):
+    from hf_alphaedit.methods.alphaedit import AlphaEditConfig
+    from hf_alphaedit.methods.memit import MemitConfig
+    from hf_alphaedit.modeling import _method_state
+
+    config = {"alphaedit": AlphaEditConfig(protect_previous_edits=protect),
+              "memit": MemitConfig(protect_previous_edits=protect)}.get(method)
+    model = AlphaEditModel(tiny_causal_lm("llama"), tiny_tokenizer(), _args(corpus, method=method),
+                           method_config=config)
+    assert set(_method_state(model.method)) == state  # constants (null-space bases, λC₀ of MEMIT) are not copied
+
+
+def test_a_batch_failing_inside_commit_leaves_the_previous_edit_state_unchanged(corpus, monkeypatch):
+    model = AlphaEditModel(_scaled_model(), tiny_tokenizer(), _args(corpus, layers=[1, 2, 3]))
+    model.edit(REQUESTS[:1])
+    weights = {k: v.clone() for k, v in model.model.state_dict().items()}
+    gram = {k: v.clone() for k, v in model.method.previous_gram.items()}
+    original_commit = model.method.commit
+
+    def failing_commit(update):
+        original_commit(update)  # every layer's Gram matrix already updated in place
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(model.method, "commit", failing_commit)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        model.edit(REQUESTS[1:])
+    assert all(torch.equal(v, weights[k]) for k, v in model.model.state_dict().items())
+    assert all(torch.equal(v, gram[k]) for k, v in model.method.previous_gram.items())
+    assert len(model.state.batches) == 1

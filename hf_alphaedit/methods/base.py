@@ -106,6 +106,11 @@ class EditMethod(Protocol):
     relates to the method: `"inherent"` (it solves in the null space itself, like AlphaEdit), `"optional"`
     (`EditingArguments.use_projection=True` projects every update it applies through `context.apply_update`)
     or `"unsupported"` (its updates must not be projected).
+
+    Optional attribute `sequential_state` (names of attributes, each a dict layer → tensor) says which tensors
+    `commit` changes; the engine copies exactly those around each batch, so a failed batch leaves no trace, and
+    restores them to rebuild the state after an undo. Undeclared, every dict-of-tensors attribute is copied
+    (safe, but constants such as `λC₀` then cost a copy per batch).
     """
 
     def edit_batch(self, requests: Sequence[EditRequest]) -> BatchUpdate:
@@ -248,6 +253,7 @@ class LocateThenEditMethod:
     """
 
     projection: ClassVar[ProjectionSupport] = "optional"
+    sequential_state: tuple[str, ...] = ()
 
     def __init__(self, context: EditContext, config: Any = None) -> None:
         self.context = context
@@ -258,7 +264,7 @@ class LocateThenEditMethod:
         raise NotImplementedError
 
     def commit(self, update: BatchUpdate) -> None:
-        """Stateless by default."""
+        """Stateless by default (a subclass that keeps state names it in `sequential_state`)."""
 
     def edit_batch(self, requests: Sequence[EditRequest]) -> BatchUpdate:
         timings = {"targets": 0.0, "keys": 0.0, "solve": 0.0}

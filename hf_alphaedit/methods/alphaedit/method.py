@@ -34,6 +34,10 @@ class AlphaEdit(LocateThenEditMethod):
         self.bases = null_space_bases(projector, hp.layers, next(context.model.parameters()).device)
         self.previous_gram = {layer: b.new_zeros(b.shape[1], b.shape[1]) for layer, b in self.bases.items()}
 
+    @property
+    def sequential_state(self) -> tuple[str, ...]:
+        return ("previous_gram",) if self.config.protect_previous_edits else ()
+
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         basis = self.bases[layer]
         projected_keys = basis.T @ keys.T.double()  # Ûᵀ K, [r, n]

@@ -35,6 +35,8 @@ class FineTune:
     `Δ = I_d · Δ` (or `Δ · I_{d_k}` when `d > d_k`); FT has no keys (`keys` is `[0, d_k]`).
     """
 
+    sequential_state: tuple[str, ...] = ()  # `commit` keeps nothing
+
     def __init__(self, context: EditContext, config: FTConfig | None = None) -> None:
         self.context = context
         self.config = config if config is not None else FTConfig()

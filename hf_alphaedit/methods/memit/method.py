@@ -23,6 +23,10 @@ class Memit(LocateThenEditMethod):
         self.preserved = {layer: weight * statistics.second_moment(layer).to(device, torch.float64)
                           for layer in layers}
 
+    @property
+    def sequential_state(self) -> tuple[str, ...]:
+        return ("preserved",) if self.config.protect_previous_edits else ()
+
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         keys64 = keys.T.double()  # [d_k, n]
         return torch.linalg.solve(self.preserved[layer] + keys64 @ keys64.T, keys64).T

@@ -37,7 +37,6 @@ class NSE(Memit):
         self.neuron_threshold = self.nse_config.neuron_threshold
         if self.neuron_threshold is None:
             self.neuron_threshold = _GPTJ_NEURON_THRESHOLD if spec.model_type == "gptj" else 1.0
-        # A tuple: constant, so kept out of the engine's per-batch snapshot (which copies dicts of tensors).
         self.original_weights = tuple(spec.weight(context.model, layer).detach().clone()
                                       for layer in context.hparams.layers)
 

@@ -30,6 +30,8 @@ class Rome:
     of a layer stacks the factors: `left = [ρ_1 … ρ_n]` `[d, n]`, `right = [u_1 … u_n]ᵀ` `[n, d_k]`.
     """
 
+    sequential_state: tuple[str, ...] = ()  # `commit` keeps nothing
+
     def __init__(self, context: EditContext, config: RomeConfig | None = None) -> None:
         self.context = context
         self.config = config if config is not None else RomeConfig()
