@@ -1,8 +1,13 @@
 """Sequential-editing benchmark on the embedded SmolLM2-135M-Instruct (the paper's protocol, ALGORITHMS.md §10.1).
 
     python scripts/benchmark_sequential.py [--quick] [--num_edits 1000] [--batch_size 100]
-        [--methods alphaedit,memit] [--eval_every 0] [--general_examples 100] [--output_dir DIR]
+        [--methods alphaedit,memit | all] [--eval_every 0] [--general_examples 100] [--output_dir DIR]
     python scripts/benchmark_sequential.py --scorer_speedup [--speedup_records 200] [--full_evaluation]
+
+A method is a registered name with optional `+projection` (AlphaEdit's null-space projection of every update,
+`use_projection=True`) and `+prune` (the PRUNE restraint, `prune=True`): `memit+projection`, `alphaedit+prune`.
+`--methods all` compares alphaedit, memit, memit+projection, memit+prune, alphaedit+prune, rome, ft and nse (and any
+other registered method).
 
 Editing: the first `num_edits` CounterFact records, in consecutive batches of `batch_size`, applied sequentially to
 one model per method, with key statistics from WikiText-2. After all batches (and every `eval_every` batches) the
@@ -10,7 +15,7 @@ records edited so far are evaluated (efficacy / generalization / specificity, §
 suite (§10.7) runs on the unedited model and after the last batch. Writes into the output folder:
 `base/edits_0000.json`, `<method>/edits_NNNN.json` (one atomic file per checkpoint; existing ones are skipped on a
 rerun, and `<method>/resume/` holds the edited weights after the last finished batch, so a run continues there),
-`results.json`, `results.md` and `metrics_vs_edits.png`, `general.png`.
+`results.json`, `results.md` and `metrics_vs_edits.png`, `comparison.png`, `general.png`.
 
 `--scorer_speedup` instead times the batched scorer against the reference's one-forward-per-record loop on the
 same records and writes `scorer_speedup.json`.
@@ -31,7 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_alphaedit import AlphaEditModel, EditingArguments
+from hf_alphaedit import AlphaEditModel, EditingArguments, list_methods
 from hf_alphaedit.evaluation import evaluate_edits, evaluate_general, load_edit_records
 from hf_alphaedit.evaluation.scorer import encode_prompt, encode_target, inference
 from hf_alphaedit.forward import right_pad
@@ -42,6 +47,25 @@ from hf_alphaedit.state import EditState
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 EDIT_METRICS = ("efficacy", "generalization", "specificity")
+COMPARISON = ("alphaedit", "memit", "memit+projection", "memit+prune", "alphaedit+prune", "rome", "ft", "nse")
+VARIANT_OPTIONS = {"projection": {"use_projection": True}, "prune": {"prune": True}}
+
+
+def variant_arguments(name: str) -> dict[str, Any]:
+    """EditingArguments fields of a method name with `+projection` / `+prune` suffixes, e.g. 'memit+prune'."""
+    method, *options = name.split("+")
+    unknown = [option for option in options if option not in VARIANT_OPTIONS]
+    if unknown:
+        raise SystemExit(f"--methods: {name!r} has unknown option(s) {unknown}; options are "
+                         f"{['+' + option for option in VARIANT_OPTIONS]}.")
+    fields: dict[str, Any] = {"method": method}
+    for option in options:
+        fields.update(VARIANT_OPTIONS[option])
+    try:
+        EditingArguments(**fields)  # fail now, not after an hour of editing
+    except ValueError as error:
+        raise SystemExit(f"--methods: {name!r}: {error}") from None
+    return fields
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -49,7 +73,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="200 edits (unless --num_edits is given).")
     parser.add_argument("--num_edits", type=int, default=None, help="Default 1000 (200 with --quick).")
     parser.add_argument("--batch_size", type=int, default=100)
-    parser.add_argument("--methods", default="alphaedit,memit", help="Comma-separated registered method names.")
+    parser.add_argument("--methods", default="alphaedit,memit",
+                        help="Comma-separated method names, each optionally with +projection / +prune; 'all' for "
+                             "the comparison of the registered methods and the boosted variants.")
     parser.add_argument("--eval_every", type=int, default=0,
                         help="Also evaluate every k batches (0: only after all edits, as the paper).")
     parser.add_argument("--general_examples", type=int, default=100,
@@ -68,7 +94,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.num_edits = args.num_edits or (200 if args.quick else 1000)
     suffix = "_quick" if args.quick else ""
     args.output_dir = Path(args.output_dir or ROOT / "outputs" / f"benchmark_sequential{suffix}")
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.methods == "all":
+        args.methods = [*COMPARISON, *(m for m in list_methods() if m not in COMPARISON)]
+    else:
+        args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for name in args.methods:
+        variant_arguments(name)
     return args
 
 
@@ -136,7 +167,7 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
     if final.exists():
         print(f"[{method}] done already ({final})")
         return
-    editing_args = EditingArguments(method=method, statistics_corpus=args.statistics_corpus,
+    editing_args = EditingArguments(**variant_arguments(method), statistics_corpus=args.statistics_corpus,
                                     statistics_samples=args.statistics_samples, batch_size=args.batch_size,
                                     disable_tqdm=True)
     model = AlphaEditModel.from_pretrained(editing_args=editing_args)
@@ -221,9 +252,27 @@ def plot(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> Non
         if base:
             axis.axhline(base["edit_metrics"][metric], color="grey", linestyle="--", label="unedited")
         axis.set(title=metric, xlabel="number of edits", ylabel="percent", ylim=(0, 100))
-    axes[0].legend()
+    axes[0].legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(args.output_dir / "metrics_vs_edits.png", dpi=120)
+    plt.close(figure)
+
+    finals = [("unedited", base)] if base else []
+    finals += [(m, r) for m in args.methods for r in runs[m] if r["num_edits"] == args.num_edits]
+    bars = [(metric, lambda r, metric=metric: r["edit_metrics"][metric]) for metric in EDIT_METRICS]
+    if all("general" in r for _, r in finals):
+        bars.append(("general (mean accuracy)", lambda r: r["general"]["average"]["accuracy"]))
+    figure, axis = plt.subplots(figsize=(max(8.0, 1.3 * len(finals)), 4.0))
+    width = 0.8 / len(bars)
+    for i, (label, value) in enumerate(bars):
+        axis.bar([m + i * width for m in range(len(finals))], [value(r) for _, r in finals], width, label=label)
+    axis.set_xticks([m + width * (len(bars) - 1) / 2 for m in range(len(finals))], [n for n, _ in finals],
+                    rotation=20)
+    axis.set(ylabel="percent", ylim=(0, 115), yticks=range(0, 101, 20),
+             title=f"after {args.num_edits} sequential edits (batches of {args.batch_size})")
+    axis.legend(fontsize="small", ncols=len(bars), loc="upper center")
+    figure.tight_layout()
+    figure.savefig(args.output_dir / "comparison.png", dpi=120)
     plt.close(figure)
 
     if not (base and "general" in base):
