@@ -143,7 +143,7 @@ def _missing_module_error(
     )
 
 
-def _round_half_up(x: float) -> int:
+def round_half_up(x: float) -> int:
     return math.floor(x + 0.5)
 
 
@@ -240,11 +240,11 @@ class ModelSpec:
         """
         n = self.num_layers
         if self.layer_style == "gated":
-            start = _round_half_up(0.125 * n)
+            start = round_half_up(0.125 * n)
             stop = start + max(4, start)
         else:
-            start = _round_half_up(0.27 * n)
-            stop = _round_half_up(0.35 * n)
+            start = round_half_up(0.27 * n)
+            stop = round_half_up(0.35 * n)
         start = min(start, n - 1)
         stop = min(max(stop, start), n - 1)
         return list(range(start, stop + 1))

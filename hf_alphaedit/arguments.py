@@ -228,16 +228,24 @@ class EditingArguments:
                              "updates as key-space deltas of the edited projections, so they cannot be projected; "
                              "leave use_projection unset.")
 
-    def resolve(self, spec: ModelSpec) -> ResolvedHyperparameters:
-        """Fill every unset hyperparameter for the model described by `spec`."""
+    def resolve(self, spec: ModelSpec, method_config: Any = None) -> ResolvedHyperparameters:
+        """Fill every unset hyperparameter for the model described by `spec`.
+
+        Unset `layers` are the MEMIT/AlphaEdit layers (the reference file's, or by relative depth); a method
+        class with a `default_layers(spec, locate_then_edit_layers, config)` hook (ROME, FT) picks its own from
+        them, given its `method_config`.
+        """
+        from .methods import get_method_classes  # late import: methods import this module
+
         ref = REFERENCE_FILES[_FAMILY_REFERENCE.get(spec.model_type, "llama3-8b")]
         reference = self.preset == "reference"
         if self.layers is not None:
             layers = tuple(self.layers)
-        elif reference and spec.num_layers == ref.num_layers:
-            layers = ref.layers
         else:
-            layers = tuple(spec.default_layers())
+            layers = ref.layers if reference and spec.num_layers == ref.num_layers else tuple(spec.default_layers())
+            method_layers = getattr(get_method_classes(self.method)[1], "default_layers", None)
+            if method_layers is not None:
+                layers = tuple(method_layers(spec, layers, method_config))
         if layers[-1] >= spec.num_layers:
             raise ValueError(f"EditingArguments.layers={list(layers)}: the model has only {spec.num_layers} "
                              f"layers (0..{spec.num_layers - 1}).")

@@ -109,7 +109,7 @@ class AlphaEditModel:
         self.spec: ModelSpec = resolve_model_spec(model, layer_module_tmp=args.layer_module_tmp,
                                                   rewrite_module_tmp=args.rewrite_module_tmp,
                                                   final_norm=args.final_norm)
-        self.hparams = args.resolve(self.spec)
+        self.hparams = args.resolve(self.spec, self.method_config)
         self.state = EditState(args.method, list(self.hparams.layers))
         self._statistics: dict[int, KeyStatistics] = {}
         self._projectors: dict[tuple[int, ...], NullSpaceProjector] = {}

@@ -22,6 +22,7 @@ from hf_alphaedit.methods import (
     MemitConfig,
     MethodConfig,
 )
+from hf_alphaedit.methods.ft import FTConfig
 from hf_alphaedit.requests import EditRequest
 from tests.test_engine import _scaled_model
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
@@ -244,3 +245,23 @@ def test_alphaedit_without_previous_edit_protection_keeps_no_gram(corpus):
                            method_config=AlphaEditConfig(protect_previous_edits=False))
     model.edit(REQUESTS[:1])
     assert torch.count_nonzero(model.method.previous_gram[2]) == 0
+
+
+@pytest.mark.parametrize("family, num_layers, method, config, layers", [
+    ("llama", 30, "alphaedit", None, (4, 5, 6, 7, 8)),   # SmolLM2-135M
+    ("llama", 30, "rome", None, (5,)),
+    ("llama", 32, "rome", None, (5,)),                   # Llama-3-8B's ROME file
+    ("gpt2", 48, "rome", None, (17,)),                   # GPT-2 XL's
+    ("gptj", 28, "rome", None, (5,)),                    # GPT-J's
+    ("llama", 30, "ft", None, (0,)),                     # constrained FT (L∞ box): layer 0
+    ("llama", 32, "ft", FTConfig(norm_constraint=None), (21,)),  # Llama-3-8B's unconstrained FT file
+    ("llama", 30, "nse", None, (4, 5, 6, 7, 8)),
+])
+def test_methods_choose_their_default_layers_from_the_model(family, num_layers, method, config, layers):
+    import dataclasses
+
+    from hf_alphaedit.architectures import resolve_model_spec
+
+    spec = dataclasses.replace(resolve_model_spec(tiny_causal_lm(family)), num_layers=num_layers)
+    assert EditingArguments(method=method).resolve(spec, config).layers == layers
+    assert EditingArguments(method=method, layers=[2, 3]).resolve(spec, config).layers == (2, 3)  # explicit wins

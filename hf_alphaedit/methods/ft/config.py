@@ -1,7 +1,8 @@
 """`FTConfig`: the constrained fine-tuning baseline's settings (ALGORITHMS.md §6.2, §11.4).
 
-FT trains the edited MLP output projection of every layer in `EditingArguments.layers` (reference files: layer 0
-with a 5e-4 box for GPT-2 XL, one layer at about two thirds of the depth without a box for Llama-3-8B).
+FT trains the edited MLP output projection of every layer in `EditingArguments.layers`; unset, one layer as in the
+reference files (`FineTune.default_layers`): layer 0 with the L∞ box (GPT-2 XL's constrained file), `round(0.66·N)`
+with `norm_constraint=None` (Llama-3-8B: 21).
 """
 
 from __future__ import annotations

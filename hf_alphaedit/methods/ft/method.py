@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ...architectures import ModelSpec, round_half_up
 from ...forward import right_pad
 from ...requests import EditRequest
 from ..base import BatchUpdate, EditContext, LayerUpdate
@@ -36,6 +37,14 @@ class FineTune:
     """
 
     sequential_state: tuple[str, ...] = ()  # `commit` keeps nothing
+
+    @staticmethod
+    def default_layers(spec: ModelSpec, locate_then_edit_layers: tuple[int, ...],
+                       config: FTConfig | None) -> tuple[int, ...]:
+        """One layer (§11.4, §11.7): 0 with the L∞ box (the reference's constrained files), `round(0.66·N)`
+        without it (Llama-3-8B: 21)."""
+        constrained = (config if config is not None else FTConfig()).norm_constraint is not None
+        return (0,) if constrained else (round_half_up(0.66 * spec.num_layers),)
 
     def __init__(self, context: EditContext, config: FTConfig | None = None) -> None:
         self.context = context

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ...architectures import ModelSpec, round_half_up
 from ...arguments import CONTEXT_SEED_WORDS, ResolvedHyperparameters
 from ...forward import right_pad, run_until
 from ...requests import EditRequest
@@ -31,6 +32,16 @@ class Rome:
     """
 
     sequential_state: tuple[str, ...] = ()  # `commit` keeps nothing
+
+    @staticmethod
+    def default_layers(spec: ModelSpec, locate_then_edit_layers: tuple[int, ...], config: Any) -> tuple[int, ...]:
+        """One layer (§11.7): the second MEMIT layer for gated-MLP models (Llama-3-8B: 5), the last for GPT-style
+        ones (GPT-2 XL: 17), `round(0.18·N)` for GPT-J (5)."""
+        if spec.model_type == "gptj":
+            return (round_half_up(0.18 * spec.num_layers),)
+        if spec.layer_style == "gated" and len(locate_then_edit_layers) > 1:
+            return (locate_then_edit_layers[1],)
+        return (locate_then_edit_layers[-1],)
 
     def __init__(self, context: EditContext, config: RomeConfig | None = None) -> None:
         self.context = context
