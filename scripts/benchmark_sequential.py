@@ -5,9 +5,10 @@
     python scripts/benchmark_sequential.py --scorer_speedup [--speedup_records 200] [--full_evaluation]
 
 A method is a registered name with optional `+projection` (AlphaEdit's null-space projection of every update,
-`use_projection=True`) and `+prune` (the PRUNE restraint, `prune=True`): `memit+projection`, `alphaedit+prune`.
-`--methods all` compares alphaedit, memit, memit+projection, memit+prune, alphaedit+prune, rome, ft and nse (and any
-other registered method).
+`use_projection=True`), `+prune` (the PRUNE restraint, `prune=True`) and, for FT, `+unconstrained` (no L∞ box, so
+FT's default layer is `round(0.66·N)`, as the reference's Llama-3-8B file): `memit+projection`, `alphaedit+prune`.
+`--methods all` compares alphaedit, memit, memit+projection, memit+prune, alphaedit+prune, rome, ft+unconstrained
+and nse (and any other registered method).
 
 Editing: the first `num_edits` CounterFact records, in consecutive batches of `batch_size`, applied sequentially to
 one model per method, with key statistics from WikiText-2. After all batches (and every `eval_every` batches) the
@@ -40,6 +41,7 @@ from hf_alphaedit import AlphaEditModel, EditingArguments, list_methods
 from hf_alphaedit.evaluation import evaluate_edits, evaluate_general, load_edit_records
 from hf_alphaedit.evaluation.scorer import encode_prompt, encode_target, inference
 from hf_alphaedit.forward import right_pad
+from hf_alphaedit.methods import MethodConfig, get_method_classes
 from hf_alphaedit.modeling import _method_state, _restore_method_state
 from hf_alphaedit.requests import as_edit_requests
 from hf_alphaedit.state import EditState
@@ -47,25 +49,33 @@ from hf_alphaedit.state import EditState
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 EDIT_METRICS = ("efficacy", "generalization", "specificity")
-COMPARISON = ("alphaedit", "memit", "memit+projection", "memit+prune", "alphaedit+prune", "rome", "ft", "nse")
-VARIANT_OPTIONS = {"projection": {"use_projection": True}, "prune": {"prune": True}}
+COMPARISON = ("alphaedit", "memit", "memit+projection", "memit+prune", "alphaedit+prune", "rome", "ft+unconstrained",
+              "nse")
+# option -> (EditingArguments fields, method config fields)
+VARIANT_OPTIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "projection": ({"use_projection": True}, {}), "prune": ({"prune": True}, {}),
+    "unconstrained": ({}, {"norm_constraint": None})}
 
 
-def variant_arguments(name: str) -> dict[str, Any]:
-    """EditingArguments fields of a method name with `+projection` / `+prune` suffixes, e.g. 'memit+prune'."""
+def variant_arguments(name: str) -> tuple[dict[str, Any], MethodConfig | None]:
+    """EditingArguments fields and method config of a method name with `+option` suffixes, e.g. 'memit+prune'."""
     method, *options = name.split("+")
     unknown = [option for option in options if option not in VARIANT_OPTIONS]
     if unknown:
         raise SystemExit(f"--methods: {name!r} has unknown option(s) {unknown}; options are "
                          f"{['+' + option for option in VARIANT_OPTIONS]}.")
     fields: dict[str, Any] = {"method": method}
+    config_fields: dict[str, Any] = {}
     for option in options:
-        fields.update(VARIANT_OPTIONS[option])
-    try:
-        EditingArguments(**fields)  # fail now, not after an hour of editing
-    except ValueError as error:
+        fields.update(VARIANT_OPTIONS[option][0])
+        config_fields.update(VARIANT_OPTIONS[option][1])
+    try:  # fail now, not after an hour of editing
+        EditingArguments(**fields)
+        config_cls = get_method_classes(method)[0]
+        config = config_cls(**config_fields) if config_fields else None
+    except (ValueError, TypeError) as error:
         raise SystemExit(f"--methods: {name!r}: {error}") from None
-    return fields
+    return fields, config
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -167,10 +177,11 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
     if final.exists():
         print(f"[{method}] done already ({final})")
         return
-    editing_args = EditingArguments(**variant_arguments(method), statistics_corpus=args.statistics_corpus,
+    fields, method_config = variant_arguments(method)
+    editing_args = EditingArguments(**fields, statistics_corpus=args.statistics_corpus,
                                     statistics_samples=args.statistics_samples, batch_size=args.batch_size,
                                     disable_tqdm=True)
-    model = AlphaEditModel.from_pretrained(editing_args=editing_args)
+    model = AlphaEditModel.from_pretrained(editing_args=editing_args, method_config=method_config)
     resume = args.output_dir / method / "resume"
     done_batches = 0
     if (resume / "weights.safetensors").exists():
