@@ -346,19 +346,20 @@ def download_snapshot(repo_id: str, *, revision: str | None = None, token: str |
 
 def upload_folder_replacing(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None,
                             token: str | bool | None = None, commit_message: str,
-                            delete_patterns: Sequence[str] = ("*",)) -> CommitInfo:
+                            delete_patterns: Sequence[str] = ("*",), repo_type: str | None = None,
+                            space_sdk: str | None = None) -> CommitInfo:
     """Create `repo_id` if needed and commit `folder` to it in one commit.
 
     Remote files matching `delete_patterns` that `folder` no longer has are deleted in the same commit (pushes
     never delete anything by themselves, and a stale file can shadow a new one); the default makes the repo
-    hold exactly `folder`.
+    hold exactly `folder`. `repo_type="space"` needs `space_sdk`.
     """
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, space_sdk=space_sdk)
     return api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
-                             delete_patterns=list(delete_patterns))
+                             delete_patterns=list(delete_patterns), repo_type=repo_type)
 
 
 def hub_namespace(token: str | bool | None = None) -> str:

@@ -87,6 +87,8 @@ def test_bad_input_names_the_columns_and_the_fix():
         load_metric("efficacy").compute(new_target_nll=["high"], true_target_nll=[1.0])
     with pytest.raises(ValueError, match="same number of records"):
         load_metric("efficacy").compute(new_target_nll=[[1.0, 2.0]], true_target_nll=[[1.0]])
+    with pytest.raises(ValueError, match=r"missing input column\(s\) \['true_target_nll'\]"):
+        load_metric("efficacy").compute(new_target_nll=[[1.0]])
 
 
 def test_unknown_metric_name_lists_the_shipped_ones():
@@ -102,3 +104,43 @@ def test_harmonic_mean_weighted_f1_and_mcc():
     assert matthews_correlation([0, 1, 0, 1], [0, 1, 0, 1]) == pytest.approx(1.0)
     assert matthews_correlation([0, 1, 0, 1], [1, 0, 1, 0]) == pytest.approx(-1.0)
     assert matthews_correlation([0, 1], [1, 1]) == 0.0
+
+
+def test_a_metric_pushed_as_a_space_loads_with_evaluate_and_its_app_computes(
+        hub_api, unique_repo_id, fresh_hf_cache, monkeypatch, tmp_path):
+    """push_metric_to_hub → `evaluate.load("ns/name")` from the Space, and the Space's generated Gradio app
+    driven with gradio_client returns what the module computes (bad input: the app's error, not a crash)."""
+    import importlib.util
+    import json
+
+    import evaluate
+    from gradio_client import Client
+    from huggingface_hub import snapshot_download
+
+    from hf_alphaedit.metrics import METRIC_EXAMPLES, push_metric_to_hub
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    monkeypatch.setenv("HF_UPDATE_DOWNLOAD_COUNTS", "false")
+    repo_id = unique_repo_id("knowledge-editing")
+    push_metric_to_hub("knowledge_editing", repo_id)
+    files = set(hub_api.list_repo_files(repo_id, repo_type="space"))
+    assert {f"{repo_id.split('/')[1]}.py", "README.md", "app.py", "requirements.txt"} <= files
+    card = yaml.safe_load(hub_api.space_info(repo_id).card_data.to_yaml())
+    assert card["sdk"] == "gradio" and card["app_file"] == "app.py"
+
+    example = METRIC_EXAMPLES["knowledge_editing"]
+    expected = load_metric("knowledge_editing").compute(**example)
+    assert evaluate.load(repo_id).compute(**example) == expected
+
+    folder = snapshot_download(repo_id, repo_type="space", local_dir=tmp_path / "space")
+    spec = importlib.util.spec_from_file_location("metric_space_app", f"{folder}/app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    _, url, _ = app.demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        assert client.predict(json.dumps(example), api_name="/compute") == pytest.approx(expected)
+        with pytest.raises(Exception, match=r"missing input column\(s\) \['rewrite_true_nll'"):
+            client.predict(json.dumps({**example, "rewrite_true_nll": None}), api_name="/compute")
+    finally:
+        app.demo.close()

@@ -67,6 +67,13 @@ class EditingMetric(evaluate.Metric):
     """An `evaluate.Metric` whose input errors name the columns and the accepted schemas (evaluate's own message
     assumes `predictions`/`references` columns and fails with a KeyError when several schemas are accepted)."""
 
+    def _infer_feature_from_batch(self, batch: dict[str, Any]) -> datasets.Features:
+        missing = [name for name, values in batch.items() if values is None]  # evaluate passes None for them
+        if missing:
+            raise ValueError(f"{self.name}: missing input column(s) {missing}; pass every column of "
+                             f"{list(batch)}, one value (or list of values) per record")
+        return super()._infer_feature_from_batch(batch)
+
     def _infer_feature_from_example(self, example: dict[str, Any]) -> datasets.Features:
         try:
             return super()._infer_feature_from_example(example)
