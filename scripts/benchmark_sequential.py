@@ -2,6 +2,7 @@
 
     python scripts/benchmark_sequential.py [--quick] [--num_edits 1000] [--batch_size 100]
         [--methods alphaedit,memit | all] [--eval_every 0] [--general_examples 100] [--output_dir DIR]
+        [--figures_dir docs/benchmarks]
     python scripts/benchmark_sequential.py --scorer_speedup [--speedup_records 200] [--full_evaluation]
 
 A method is a registered name with optional `+projection` (AlphaEdit's null-space projection of every update,
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -96,6 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--statistics_corpus", default=str(DATA / "wikitext-2" / "valid.txt"))
     parser.add_argument("--output_dir", default=None,
                         help="Default outputs/benchmark_sequential (outputs/benchmark_sequential_quick with --quick).")
+    parser.add_argument("--figures_dir", default=None,
+                        help="Also copy results.md and the plots here (e.g. docs/benchmarks, where the README's are).")
     parser.add_argument("--scorer_speedup", action="store_true", help="Time the batched scorer instead.")
     parser.add_argument("--speedup_records", type=int, default=200)
     parser.add_argument("--full_evaluation", action="store_true",
@@ -372,6 +376,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = markdown_table(runs, args)
     (args.output_dir / "results.md").write_text(table)
     plot(runs, args)
+    if args.figures_dir:
+        figures = Path(args.figures_dir)
+        figures.mkdir(parents=True, exist_ok=True)
+        for name in ("results.md", "metrics_vs_edits.png", "comparison.png", "general.png"):
+            if (args.output_dir / name).exists():
+                shutil.copy2(args.output_dir / name, figures / name)
     print(table)
 
 
