@@ -681,16 +681,9 @@ def _read_json(path: Path) -> Any:
 
 def _greedy_answers(editor: Any, requests: Sequence[Any], new_tokens: int = 8) -> list[str]:
     """The first line of the model's greedy continuation of each request's prompt."""
-    if not requests:
-        return []
-    from .evaluation.scorer import encode_prompt, generate_texts
+    from .evaluation import greedy_answers
 
-    prompts = [request.prompt_with_subject for request in requests]
-    longest = max(len(encode_prompt(editor.tokenizer, prompt)) for prompt in prompts)
-    texts = generate_texts(editor.model, editor.tokenizer, prompts, max_length=longest + new_tokens,
-                           do_sample=False, show_progress=False)
-    return [text[len(prompt):].strip().split("\n")[0] if text.startswith(prompt) else text
-            for prompt, text in zip(prompts, texts, strict=True)]
+    return greedy_answers(editor.model, editor.tokenizer, [r.prompt_with_subject for r in requests], new_tokens)
 
 
 def _print_answers(requests: Sequence[Any], before: Sequence[str], after: Sequence[str]) -> None:

@@ -9,7 +9,14 @@ general = evaluate_general(model, tokenizer, "../shared/data/general", num_examp
 
 from .editing import evaluate_edits, load_edit_records
 from .general import GENERAL_TASKS, evaluate_general
-from .scorer import ContinuationScore, encode_prompt, encode_target, generate_texts, score_continuations
+from .scorer import (
+    ContinuationScore,
+    encode_prompt,
+    encode_target,
+    generate_texts,
+    greedy_answers,
+    score_continuations,
+)
 
 __all__ = [
     "GENERAL_TASKS",
@@ -19,6 +26,7 @@ __all__ = [
     "evaluate_edits",
     "evaluate_general",
     "generate_texts",
+    "greedy_answers",
     "load_edit_records",
     "score_continuations",
 ]

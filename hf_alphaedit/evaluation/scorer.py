@@ -226,3 +226,14 @@ def generate_texts(
                 ids = encoded[index] + generated
                 texts[index] = clean_generated_text(tokenizer.decode(ids, skip_special_tokens=True))
     return texts
+
+
+def greedy_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], new_tokens: int = 8) -> list[str]:
+    """The first line of the model's greedy continuation (at most `new_tokens` tokens) of each prompt."""
+    if not prompts:
+        return []
+    longest = max(len(encode_prompt(tokenizer, prompt)) for prompt in prompts)
+    texts = generate_texts(model, tokenizer, prompts, max_length=longest + new_tokens, do_sample=False,
+                           show_progress=False)
+    return [text[len(prompt):].strip().split("\n")[0] if text.startswith(prompt) else text
+            for prompt, text in zip(prompts, texts, strict=True)]
