@@ -10,7 +10,7 @@ import torch
 from huggingface_hub import SpaceCard
 
 from hf_alphaedit import AlphaEditModel
-from tests.test_engine import _args, _scaled_model, corpus, wikitext_lines  # noqa: F401 (fixtures)
+from tests.test_engine import _args, _scaled_model
 from tests.tiny_models import tiny_tokenizer
 
 SPACE = Path(__file__).resolve().parents[1] / "spaces" / "alphaedit-demo"
@@ -21,6 +21,13 @@ def _load_app():
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)  # defines the app; its __main__ block (loading SmolLM2) does not run
     return app
+
+
+@pytest.fixture()
+def corpus(tmp_path, shared_data):
+    lines = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "corpus.txt").write_text("\n".join([line for line in lines if line.strip()][:60]), encoding="utf-8")
+    return tmp_path
 
 
 def test_space_card_names_the_app_the_model_and_a_pinned_gradio():
