@@ -109,7 +109,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     suffix = "_quick" if args.quick else ""
     args.output_dir = Path(args.output_dir or ROOT / "outputs" / f"benchmark_sequential{suffix}")
     if args.methods == "all":
-        args.methods = [*COMPARISON, *(m for m in list_methods() if m not in COMPARISON)]
+        compared = {name.split("+")[0] for name in COMPARISON}
+        args.methods = [*COMPARISON, *(m for m in list_methods() if m not in compared)]
     else:
         args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in args.methods:
