@@ -17,12 +17,13 @@ import gradio as gr
 
 from hf_alphaedit import AlphaEditModel, EditingArguments, EditRequestError
 from hf_alphaedit.evaluation import greedy_answers
+from hf_alphaedit.requests import as_edit_requests
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EXAMPLES = [
     ["{} is located in the city of", "The Eiffel Tower", "Rome", "The Eiffel Tower is located in the city of"],
-    ["The mother tongue of {} is", "Danielle Darrieux", "English", "Danielle Darrieux was born speaking"],
-    ["{} is a product of", "The iPhone", "Nokia", "The company that makes the iPhone is"],
+    ["The capital of {} is", "Australia", "Sydney", "The seat of the Australian government is in"],
+    ["{} plays the sport of", "Lionel Messi", "basketball", "Lionel Messi is famous for playing"],
 ]
 
 
@@ -51,17 +52,17 @@ class EditingSession:
     def edit(self, prompt: str, subject: str, target_new: str, question: str) -> tuple[str, str, dict[str, Any]]:
         """Apply one edit; returns the greedy answer to `question` (default: the filled prompt) before and after,
         and a report. Bad input raises `gr.Error` and changes nothing."""
-        request = {"prompt": prompt.strip(), "subject": subject.strip(), "target_new": target_new.strip()}
+        try:
+            (request,) = as_edit_requests(
+                {"prompt": prompt.strip(), "subject": subject.strip(), "target_new": target_new.strip()})
+        except EditRequestError as error:
+            raise gr.Error(str(error)) from None
         with self.lock:
             if self.model.state.num_edits >= self.max_edits:
                 raise gr.Error(f"This demo keeps at most {self.max_edits} edits; press Reset (or Undo) first.")
-            question = question.strip() or request["prompt"].replace("{}", request["subject"])
+            question = question.strip() or request.prompt_with_subject
             before = self._answer(question)
-            try:
-                result = self.model.edit([request])
-            except EditRequestError as error:
-                raise gr.Error(str(error)) from None
-            (report,) = result.batches
+            (report,) = self.model.edit([request]).batches
             after = self._answer(question)
             return before, after, {
                 "target_probability": round(report.target_probabilities[0], 4),
