@@ -2,8 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
-from types import MappingProxyType
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ class Rome:
     of a layer stacks the factors: `left = [ρ_1 … ρ_n]` `[d, n]`, `right = [u_1 … u_n]ᵀ` `[n, d_k]`.
     """
 
-    sequential_state: tuple[str, ...] = ()  # `commit` keeps nothing
+    sequential_state: tuple[str, ...] = ()  # `commit` keeps nothing; the covariance factors are constants
 
     @staticmethod
     def default_layers(spec: ModelSpec, locate_then_edit_layers: tuple[int, ...], config: Any) -> tuple[int, ...]:
@@ -57,8 +56,7 @@ class Rome:
                                        v_weight_decay=weight_decay)
             for layer in hp.layers}
         self.templates = rome_context_templates(context.model, context.tokenizer, self.config)
-        # Constant, so kept out of the engine's per-batch snapshot (which copies dict-of-tensor attributes).
-        self.covariance_factors: Mapping[int, torch.Tensor] = MappingProxyType(
+        self.covariance_factors: dict[int, torch.Tensor] = (
             _covariance_factors(context, hp.layers) if mom2_adjustment else {})
 
     def target_optimizer(self, layer: int) -> TargetOptimizer:
