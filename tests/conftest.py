@@ -89,6 +89,21 @@ def shared_data() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.fixture()
+def wikitext_lines(shared_data: Path) -> list[str]:
+    """The first 60 non-empty WikiText-2 validation lines (stripped)."""
+    lines = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip()][:60]
+
+
+@pytest.fixture()
+def corpus(tmp_path: Path, wikitext_lines: list[str]) -> Path:
+    """A folder with ``corpus.txt`` (the lines of ``wikitext_lines``): the statistics corpus of the tiny-model
+    tests (``tests.test_engine._args``)."""
+    (tmp_path / "corpus.txt").write_text("\n".join(wikitext_lines), encoding="utf-8")
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Cache root for the converted SmolLM2: ``$HF_ALPHAEDIT_CACHE`` if set (kept between runs), else a temp dir."""

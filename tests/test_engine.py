@@ -32,24 +32,12 @@ REQUESTS = [
 ]
 
 
-@pytest.fixture()
-def wikitext_lines(shared_data) -> list[str]:
-    lines = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip()][:60]
-
-
 def _args(tmp_path, **overrides) -> EditingArguments:
     values = {"statistics_corpus": str(tmp_path / "corpus.txt"), "statistics_samples": 60,
               "statistics_cache_dir": str(tmp_path / "stats"), "disable_tqdm": True, "v_num_grad_steps": 8,
               "v_lr": 0.5}
     values.update(overrides)
     return EditingArguments(**values)
-
-
-@pytest.fixture()
-def corpus(tmp_path, wikitext_lines):
-    (tmp_path / "corpus.txt").write_text("\n".join(wikitext_lines), encoding="utf-8")
-    return tmp_path
 
 
 def _scaled_model(family: str = "llama") -> torch.nn.Module:

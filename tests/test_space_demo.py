@@ -23,13 +23,6 @@ def _load_app():
     return app
 
 
-@pytest.fixture()
-def corpus(tmp_path, shared_data):
-    lines = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()
-    (tmp_path / "corpus.txt").write_text("\n".join([line for line in lines if line.strip()][:60]), encoding="utf-8")
-    return tmp_path
-
-
 def test_space_card_names_the_app_the_model_and_a_pinned_gradio():
     card = SpaceCard.load(SPACE / "README.md")
     assert card.data.sdk == "gradio" and card.data.app_file == "app.py" and (SPACE / "app.py").exists()
