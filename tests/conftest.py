@@ -127,3 +127,25 @@ def smollm2(smollm2_cache: Path, tmp_path_factory: pytest.TempPathFactory):
             DEFAULT_MODEL, cache_dir=str(tmp_path_factory.mktemp("empty_hub_cache"))
         )
     return model, tokenizer
+
+
+@pytest.fixture()
+def smollm2_editor(smollm2, shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``build(method="alphaedit", method_config=None, **editing_arguments) -> AlphaEditModel`` on the shared
+    SmolLM2, with WikiText-2 key statistics (1,000 lines unless ``statistics_samples`` says otherwise) cached
+    once per session; the shared model's weights are restored afterwards."""
+    from hf_alphaedit import AlphaEditModel, EditingArguments
+
+    model, tokenizer = smollm2
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def build(method: str = "alphaedit", method_config=None, **overrides) -> AlphaEditModel:
+        overrides = {"statistics_samples": 1000, **overrides}
+        args = EditingArguments(method=method, statistics_corpus=str(shared_data / "wikitext-2" / "valid.txt"),
+                                disable_tqdm=True,
+                                statistics_cache_dir=str(tmp_path_factory.getbasetemp() / "smollm2-statistics"),
+                                **overrides)
+        return AlphaEditModel(model, tokenizer, args, method_config=method_config)
+
+    yield build
+    model.load_state_dict(original)

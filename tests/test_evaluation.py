@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from tiny_models import tiny_causal_lm, tiny_tokenizer
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
@@ -19,23 +18,12 @@ from hf_alphaedit.evaluation import (
     score_continuations,
 )
 from hf_alphaedit.evaluation.scorer import leading_special_ids
+from tests.naive_scoring import naive_scores
+from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
 PROMPTS = ["The small robot in our lab speaks", "Paris is the capital of", "The Eiffel Tower is in",
            "In the year of"]
 TARGETS = ["English", "France", "the city of Rome", "the"]
-
-
-def naive_scores(model, pairs):
-    """One unpadded forward per pair, full logits, a Python loop over target tokens."""
-    nll, correct = [], []
-    with torch.no_grad():
-        for prompt, target in pairs:
-            logits = model(torch.tensor([prompt + target])).logits[0].float()
-            log_probs = torch.log_softmax(logits, dim=-1)
-            positions = [len(prompt) + j - 1 for j in range(len(target))]
-            nll.append(-sum(log_probs[p, t].item() for p, t in zip(positions, target, strict=True)) / len(target))
-            correct.append(tuple(int(logits[p].argmax()) == t for p, t in zip(positions, target, strict=True)))
-    return nll, correct
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "opt"])
@@ -177,25 +165,15 @@ def test_general_suite_scores_every_task_and_reference_compat_inverts_rte(shared
 
 
 @pytest.mark.slow
-def test_smollm2_efficacy_moves_to_90_after_a_few_edits(smollm2, shared_data, tmp_path_factory):
-    from hf_alphaedit import AlphaEditModel, EditingArguments
-
-    model, tokenizer = smollm2
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    args = EditingArguments(statistics_corpus=str(shared_data / "wikitext-2" / "valid.txt"),
-                            statistics_samples=1000, disable_tqdm=True,
-                            # the folder test_smollm2 uses: one statistics pass per session for both
-                            statistics_cache_dir=str(tmp_path_factory.getbasetemp() / "smollm2-statistics"))
-    editor = AlphaEditModel(model, tokenizer, args)
+def test_smollm2_efficacy_moves_to_90_after_a_few_edits(smollm2_editor, shared_data):
+    editor = smollm2_editor()
+    model = editor.model
     records = _flat_records(shared_data, 8)
-    try:
-        editor.edit(records, batch_size=8)
-        edited = {k: v.clone() for k, v in model.state_dict().items()}
-        result = editor.evaluate(records, baseline=True, show_progress=False)
-        print({k: (result["pre"][k], result[k]) for k in ("efficacy", "generalization", "specificity")})
-        assert result["efficacy"] >= 90 > result["pre"]["efficacy"]
-        assert editor.last_evaluation is result
-        # The baseline pass subtracted the edits temporarily; the edited weights are back bit for bit.
-        assert all(torch.equal(edited[k], v) for k, v in model.state_dict().items())
-    finally:
-        model.load_state_dict(original)
+    editor.edit(records, batch_size=8)
+    edited = {k: v.clone() for k, v in model.state_dict().items()}
+    result = editor.evaluate(records, baseline=True, show_progress=False)
+    print({k: (result["pre"][k], result[k]) for k in ("efficacy", "generalization", "specificity")})
+    assert result["efficacy"] >= 90 > result["pre"]["efficacy"]
+    assert editor.last_evaluation is result
+    # The baseline pass subtracted the edits temporarily; the edited weights are back bit for bit.
+    assert all(torch.equal(edited[k], v) for k, v in model.state_dict().items())

@@ -15,6 +15,7 @@ from hf_alphaedit.methods.keys_targets import TargetOptimizer
 from hf_alphaedit.methods.nse import NSEConfig
 from hf_alphaedit.methods.rome import RomeConfig
 from hf_alphaedit.requests import as_edit_requests
+from tests.naive_scoring import rewrite_log_probs
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
 REQUESTS = [
@@ -222,40 +223,9 @@ def test_configs_parse_strings_and_pick_reference_defaults(corpus):
 # -- SmolLM2 ------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def smollm2_editor(smollm2, shared_data, tmp_path_factory):
-    """Builds SmolLM2 editors; the shared model's weights are restored afterwards."""
-    model, tokenizer = smollm2
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def build(method: str, config, **overrides) -> AlphaEditModel:
-        overrides = {"statistics_samples": 200, **overrides}
-        args = EditingArguments(method=method, statistics_corpus=str(shared_data / "wikitext-2" / "valid.txt"),
-                                disable_tqdm=True,
-                                statistics_cache_dir=str(tmp_path_factory.getbasetemp() / "smollm2-statistics"),
-                                **overrides)
-        return AlphaEditModel(model, tokenizer, args, method_config=config)
-
-    yield build
-    model.load_state_dict(original)
-
-
 @pytest.fixture(scope="module")
 def five_records(shared_data) -> list[dict]:
     return json.loads((shared_data / "counterfact" / "counterfact-edit.json").read_text())[:5]
-
-
-def _target_log_probs(editor: AlphaEditModel, records: list[dict]) -> torch.Tensor:
-    """Mean log-probability of each record's new target tokens after its rewrite prompt, `[records]`."""
-    values = []
-    for record in records:
-        prompt = editor.tokenizer(record["prompt"])["input_ids"]
-        target = editor.tokenizer(" " + record["target_new"], add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logits = editor.model(torch.tensor([prompt + target])).logits[0].float()
-        log_probs = torch.log_softmax(logits, -1)
-        values.append(sum(log_probs[len(prompt) - 1 + j, t] for j, t in enumerate(target)) / len(target))
-    return torch.stack(values)
 
 
 @pytest.mark.slow
@@ -269,8 +239,8 @@ def _target_log_probs(editor: AlphaEditModel, records: list[dict]) -> torch.Tens
 def test_smollm2_counterfact_edits_raise_the_target_probability(smollm2_editor, five_records, method, config,
                                                                 overrides):
     editor = smollm2_editor(method, config, **overrides)
-    before = _target_log_probs(editor, five_records)
+    before = rewrite_log_probs(editor.model, editor.tokenizer, five_records, "target_new")
     editor.edit(five_records, batch_size=5)
-    after = _target_log_probs(editor, five_records)
+    after = rewrite_log_probs(editor.model, editor.tokenizer, five_records, "target_new")
     print(f"{method}: mean target log-prob {before.mean():.2f} -> {after.mean():.2f}")
     assert (after > before).all() and after.mean() > before.mean() + 1.0

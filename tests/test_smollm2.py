@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from hf_alphaedit import AlphaEditModel, EditingArguments
+from hf_alphaedit import AlphaEditModel
 from hf_alphaedit.requests import as_edit_requests
+from tests.naive_scoring import rewrite_log_probs
 
 pytestmark = pytest.mark.slow
 
@@ -19,31 +20,15 @@ def records(shared_data) -> list[dict]:
 
 
 @pytest.fixture()
-def editor(smollm2, shared_data, tmp_path_factory):
-    """A SmolLM2 editor; the shared model's weights are restored afterwards."""
-    model, tokenizer = smollm2
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    args = EditingArguments(statistics_corpus=str(shared_data / "wikitext-2" / "valid.txt"),
-                            statistics_samples=1000, disable_tqdm=True,
-                            statistics_cache_dir=str(tmp_path_factory.getbasetemp() / "smollm2-statistics"))
-    yield AlphaEditModel(model, tokenizer, args)
-    model.load_state_dict(original)
+def editor(smollm2_editor) -> AlphaEditModel:
+    return smollm2_editor()
 
 
 def _efficacy(editor: AlphaEditModel, records: list[dict]) -> float:
     """Share of records whose new target is more probable than the true one on the rewrite prompt (§10.2)."""
-    tokenizer, model = editor.tokenizer, editor.model
-    wins = 0
-    for record in records:
-        prompt = tokenizer(record["prompt"])["input_ids"]
-        nll = []
-        for target in (record["target_new"], record["ground_truth"]):
-            ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
-            with torch.no_grad():
-                log_probs = torch.log_softmax(model(torch.tensor([prompt + ids])).logits[0].float(), -1)
-            nll.append(-sum(log_probs[len(prompt) - 1 + j, t] for j, t in enumerate(ids)) / len(ids))
-        wins += int(nll[0] < nll[1])
-    return 100.0 * wins / len(records)
+    new, true = (rewrite_log_probs(editor.model, editor.tokenizer, records, field)
+                 for field in ("target_new", "ground_truth"))
+    return 100.0 * (new > true).float().mean().item()
 
 
 def test_thirty_counterfact_edits_in_one_batch(editor, records):
