@@ -2,8 +2,9 @@
 
 ROME edits every layer of `EditingArguments.layers` in ascending order; unset, it edits one layer, as every
 reference file does (`Rome.default_layers`, §11.7: 5 for SmolLM2-135M and Llama-3-8B, 17 for GPT-2 XL). The
-target-optimisation settings shared with MEMIT (`v_lr`, `v_num_grad_steps`, `kl_factor`) come from `EditingArguments`; the clamp and the norm penalty are ROME's own
-because its δ lives in the MLP-output space, whose scale differs from the residual stream's.
+target-optimisation settings shared with MEMIT (`v_lr`, `v_num_grad_steps`, `kl_factor`) come from
+`EditingArguments`; the clamp and the norm penalty are ROME's own because its δ lives in the MLP-output space,
+whose scale differs from the residual stream's.
 """
 
 from __future__ import annotations
