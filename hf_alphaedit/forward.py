@@ -11,6 +11,8 @@ checks the equivalence numerically once per model.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -43,6 +45,16 @@ def run_until(model: nn.Module, module: nn.Module, **inputs: Any) -> None:
     """Run `model(**inputs)` only up to (and including) `module`; outputs are read through hooks."""
     with stop_after(module), contextlib.suppress(_StopForward):
         model(**{"use_cache": False, **inputs})
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which `model.forward` takes a KV cache: `cache` (transformers >= 5.24) or `past_key_values`."""
+    return _cache_argument(type(model))
+
+
+@functools.cache
+def _cache_argument(model_type: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
 
 
 def right_pad(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,20 +109,17 @@ class BlockRunner:
                 handle.remove()
         return hidden_inputs
 
-    def run(self, hidden: torch.Tensor, start: int, stop: int,
-            overrides: dict[str, Any] | None = None) -> torch.Tensor:
+    def run(self, hidden: torch.Tensor, start: int, stop: int, cache: Cache | None = None) -> torch.Tensor:
         """Output `[batch, seq, d]` of block `stop-1` given the input `hidden` of block `start`.
 
-        `overrides` replaces recorded arguments of a block's call: keyword arguments of the same name, and for
-        `past_key_values` also a cache passed positionally.
+        `cache` replaces the KV cache recorded in each block's call, whatever the argument is called
+        (`cache`, `past_key_values`, `layer_past`) and whether it was passed by keyword or position.
         """
         for index in range(start, stop):
             positional, args, kwargs = self._calls[index]
-            if overrides:
-                kwargs = {**kwargs, **{k: v for k, v in overrides.items() if k in kwargs}}
-                cache = overrides.get("past_key_values")
-                if cache is not None:  # some blocks (GPT-2, GPT-J, Falcon) receive the cache positionally
-                    args = tuple(cache if isinstance(a, Cache) else a for a in args)
+            if cache is not None:
+                args = tuple(cache if isinstance(a, Cache) else a for a in args)
+                kwargs = {k: cache if isinstance(v, Cache) else v for k, v in kwargs.items()}
             if positional:
                 output = self.blocks[index](hidden, *args, **kwargs)
             else:

@@ -26,7 +26,7 @@ from transformers import DynamicCache
 
 from ..architectures import ModelSpec, block_output_hidden
 from ..arguments import CONTEXT_SEED_WORDS, ResolvedHyperparameters
-from ..forward import BlockRunner, right_pad, run_until
+from ..forward import BlockRunner, cache_argument, right_pad, run_until
 from ..requests import EditRequest
 
 logger = logging.getLogger(__name__)
@@ -297,7 +297,9 @@ class TargetOptimizer:
         captured: dict[str, torch.Tensor] = {}
         num_layers, start = self.spec.num_layers, self.first_rerun_block
         with self._adding_delta(batch, None, captured):
-            block_inputs = runner.capture(range(start, num_layers), num_layers - 1, **self._fresh(batch, inputs))
+            cache = self._fresh_cache(batch)
+            extra = {} if cache is None else {cache_argument(self.model): cache}
+            block_inputs = runner.capture(range(start, num_layers), num_layers - 1, **inputs, **extra)
         batch.z_output, batch.runner, batch.rerun_input = captured["z"], runner, block_inputs.get(start)
         return batch
 
@@ -312,36 +314,36 @@ class TargetOptimizer:
             prefix_mask[row, width - k:] = 1
         prefix_ids, prefix_mask = prefix_ids.to(self.device), prefix_mask.to(self.device)
         prefix_positions = (prefix_mask.cumsum(1) - 1).clamp_min(0)
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()
         with torch.no_grad():
             run_until(self.model, self.spec.block(self.model, self.spec.num_layers - 1), input_ids=prefix_ids,
-                      attention_mask=prefix_mask, position_ids=prefix_positions, past_key_values=cache,
-                      use_cache=True)
+                      attention_mask=prefix_mask, position_ids=prefix_positions, use_cache=True,
+                      **{cache_argument(self.model): cache})
         batch.prefix_cache = [(layer.keys, layer.values) for layer in cache.layers]
         lengths = torch.tensor(split, device=self.device)[:, None]
         suffix_positions = lengths + torch.arange(suffix_ids.shape[1], device=self.device)[None, :]
         return {"input_ids": suffix_ids, "attention_mask": torch.cat([prefix_mask, suffix_mask], dim=1),
                 "position_ids": suffix_positions, "use_cache": True}
 
-    def _fresh(self, batch: _Batch, inputs: dict[str, Any]) -> dict[str, Any]:
-        """`inputs` with a new copy of the prefix cache (attention layers append to the cache they are given)."""
+    def _fresh_cache(self, batch: _Batch) -> DynamicCache | None:
+        """A new copy of the prefix cache (attention layers append to the cache they are given), or None."""
         if batch.prefix_cache is None:
-            return inputs
-        cache = DynamicCache(config=self.model.config)
+            return None
+        cache = DynamicCache()
         for index, (keys, values) in enumerate(batch.prefix_cache):
             cache.update(keys, values, index)
-        return {**inputs, "past_key_values": cache}
+        return cache
 
     def _log_probs(self, batch: _Batch, delta_rows: torch.Tensor) -> torch.Tensor:
         """Log-softmax `[positions, vocab]` (float32) at every position the losses read."""
         if batch.runner is not None:
-            overrides = self._fresh(batch, {}) if batch.prefix_cache is not None else {}
+            cache = self._fresh_cache(batch)
             start, stop = self.first_rerun_block, self.spec.num_layers
             if self.site == "block_output":
-                last = batch.runner.run(batch.with_delta(batch.z_output, delta_rows), start, stop, overrides)
+                last = batch.runner.run(batch.with_delta(batch.z_output, delta_rows), start, stop, cache)
             else:
                 with self._adding_delta(batch, delta_rows):
-                    last = batch.runner.run(batch.rerun_input, start, stop, overrides)
+                    last = batch.runner.run(batch.rerun_input, start, stop, cache)
         else:
             last = self._full_forward(batch, delta_rows)
         gathered = last[batch.position_rows, batch.position_cols]
@@ -402,11 +404,13 @@ def choose_forward_mode(model: nn.Module, tokenizer: Any, spec: ModelSpec, hpara
         try:
             error = float((log_probs(mode) - reference).abs().max())
         except Exception as exc:  # a model whose blocks or cache cannot be driven this way
-            logger.info("forward mode %s unavailable for %s: %s", mode, spec.model_type, exc)
+            logger.warning("fast path %r unavailable for %s (%s: %s); trying a slower one (same results)", mode,
+                           spec.model_type, type(exc).__name__, exc)
             continue
         if error < _MODE_TOLERANCE:
             return mode
-        logger.info("forward mode %s differs from the full model by %.2g for %s", mode, error, spec.model_type)
+        logger.warning("fast path %r differs from the full model by %.2g for %s; trying a slower one (same "
+                       "results)", mode, error, spec.model_type)
     logger.warning("editing %s with full forward passes (slower, same results)", spec.model_type)
     return "full"
 
