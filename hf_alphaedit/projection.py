@@ -10,12 +10,32 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._version import __version__
+from .architectures import resolve_model_spec
+from .artifacts import (
+    ARTIFACT_CONFIG,
+    ArtifactError,
+    CorruptArtifactError,
+    artifact_folder,
+    check_artifact,
+    evict_cached_files,
+    projector_path,
+    push_artifact_folder,
+    read_artifact_config,
+    read_artifact_tensors,
+    statistics_path,
+    write_artifact,
+)
+from .fingerprint import weight_fingerprint
+from .hub import ModelSource
 from .statistics import KeyStatistics
 
 logger = logging.getLogger(__name__)
@@ -58,22 +78,16 @@ class NullSpaceProjector:
         return projector
 
     @classmethod
-    def compute(cls, model: Any, editing_args: Any = None, tokenizer: Any = None) -> NullSpaceProjector:
-        """Collect (or reuse cached) key statistics and build the projector for `model`'s edited layers.
+    def compute(cls, model: Any) -> NullSpaceProjector:
+        """The projector of an `AlphaEditModel`'s edited layers: its key statistics (from its projection artifact,
+        the cache, or one collection pass over `editing_args.statistics_corpus`), eigendecomposed.
 
-        `model` is an `AlphaEditModel`, or a transformers causal LM together with its `tokenizer`; the layers,
-        corpus and threshold come from `editing_args` (an `EditingArguments`; defaults when omitted).
+        For a plain transformers model, wrap it first: `NullSpaceProjector.compute(AlphaEditModel(model,
+        tokenizer, editing_args))`.
         """
-        from .modeling import AlphaEditModel
-
-        if not isinstance(model, AlphaEditModel):
-            if tokenizer is None:
-                raise ValueError("NullSpaceProjector.compute: pass the tokenizer of a transformers model "
-                                 "(or an AlphaEditModel).")
-            model = AlphaEditModel(model, tokenizer, editing_args)
-        elif editing_args is not None:
-            raise ValueError("NullSpaceProjector.compute: an AlphaEditModel carries its own editing_args; "
-                             "do not pass editing_args as well.")
+        if not callable(getattr(model, "null_space_projector", None)):
+            raise TypeError("NullSpaceProjector.compute: pass an AlphaEditModel (wrap a transformers model with "
+                            f"AlphaEditModel(model, tokenizer, editing_args)), got {type(model).__name__}.")
         return model.null_space_projector(model.hparams.layers)
 
     @classmethod
@@ -86,9 +100,7 @@ class NullSpaceProjector:
         With `model` (an `AlphaEditModel` or a transformers model) the artifact is checked against it. A
         `threshold` / `threshold_mode` other than the stored one is recomputed from the stored statistics.
         """
-        from .artifacts import ArtifactError, check_artifact_for_model, load_artifact
-
-        loaded = load_artifact(repo_id_or_path, revision=revision, layers=layers, token=token)
+        loaded = load_projection_artifact(repo_id_or_path, revision=revision, layers=layers, token=token)
         if model is not None:
             check_artifact_for_model(loaded.config, model, loaded.statistics.layers, strict=strict)
         stored = loaded.projector
@@ -104,19 +116,66 @@ class NullSpaceProjector:
         projector.source = loaded.source
         return projector
 
+    @classmethod
+    def from_artifact(cls, folder: str | os.PathLike, config: dict[str, Any], statistics: KeyStatistics,
+                      layers: Sequence[int]) -> NullSpaceProjector | None:
+        """The stored projector of `layers` in the artifact `folder` (None when it stores none for them)."""
+        spec = config.get("projector")
+        if spec is None or not set(layers) <= set(spec.get("layers", ())):
+            return None
+        d_k = config["key_size"]
+        bases, spectra, complements = {}, {}, {}
+        for layer in layers:
+            tensors = read_artifact_tensors(folder, projector_path(layer), config)
+            basis, eigenvalues = tensors.get("basis"), tensors.get("eigenvalues")
+            try:
+                expected, kind = int(spec["null_space_dims"][str(layer)]), spec["representation"][str(layer)]
+            except (KeyError, TypeError, ValueError):
+                raise CorruptArtifactError(f"{ARTIFACT_CONFIG}: the projector entry of layer {layer} is "
+                                           "malformed.") from None
+            width = expected if kind == "null_space" else d_k - expected
+            if basis is None or eigenvalues is None or basis.shape != (d_k, width) or eigenvalues.shape != (d_k,):
+                raise CorruptArtifactError(f"{projector_path(layer)}: expected 'basis' [{d_k}, {width}] and "
+                                           f"'eigenvalues' [{d_k}].")
+            if not (torch.isfinite(basis).all() and torch.isfinite(eigenvalues).all()):
+                raise CorruptArtifactError(f"{projector_path(layer)}: the projector contains NaN or Inf values.")
+            if kind == "complement":
+                complements[layer] = basis.double()
+                bases[layer] = orthogonal_complement(complements[layer])
+            else:
+                bases[layer] = basis.double()
+            spectra[layer] = eigenvalues.double()
+        return cls(bases, spectra, spec["threshold"], spec["threshold_mode"], statistics, complements=complements)
+
+    def artifact_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The projector's files: per layer the smaller of the null-space basis and its complement (float64
+        `[d_k, m]`) with the eigenvalue spectrum `[d_k]`."""
+        files = {}
+        for layer in self.layers:
+            basis = self.complements.get(layer, self.bases[layer])
+            files[projector_path(layer)] = {"basis": basis, "eigenvalues": self.eigenvalues[layer].double()}
+        return files
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the projector with its statistics as an artifact folder (safetensors + JSON + model card)."""
-        from .artifacts import write_artifact
-
-        write_artifact(directory, self._statistics_for_saving(), self)
+        statistics = self._statistics_for_saving()
+        config = statistics.artifact_config()
+        config["projector"] = {
+            "threshold": self.threshold, "threshold_mode": self.threshold_mode, "layers": self.layers,
+            "null_space_dims": {str(layer): self.null_space_dim(layer) for layer in self.layers},
+            "representation": {str(layer): "complement" if layer in self.complements else "null_space"
+                               for layer in self.layers}}
+        write_artifact(directory, {**statistics.artifact_files(), **self.artifact_files()}, config)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
                     commit_message: str | None = None) -> str:
-        """Upload the artifact to `repo_id` (created if needed; stale files removed); returns the commit sha."""
-        from .artifacts import push_artifact
-
-        return push_artifact(self._statistics_for_saving(), self, repo_id, private=private, token=token,
-                             commit_message=commit_message)
+        """Upload the artifact to `repo_id` (created if needed; files of an earlier artifact replaced, other files
+        kept); returns the commit sha."""
+        with tempfile.TemporaryDirectory(prefix="hf_alphaedit-artifact-") as folder:
+            self.save_pretrained(folder)
+            return push_artifact_folder(folder, repo_id, private=private, token=token, commit_message=(
+                commit_message or f"Key statistics and null-space projector for layers {self.layers} "
+                                  f"(hf_alphaedit {__version__})"))
 
     def _statistics_for_saving(self) -> KeyStatistics:
         if self.statistics is None:
@@ -180,3 +239,59 @@ def null_space_mask(eigenvalues: torch.Tensor, threshold: float, mode: str) -> t
         clipped = eigenvalues.clamp_min(0)
         return torch.cumsum(clipped, 0) <= threshold * clipped.sum()
     raise ValueError(f"nullspace_threshold_mode={mode!r}: choose 'absolute', 'relative' or 'energy'.")
+
+
+@dataclass
+class LoadedArtifact:
+    """An artifact read and checked: its statistics, projector (if any), config, and where it came from."""
+
+    statistics: KeyStatistics
+    projector: NullSpaceProjector | None
+    config: dict[str, Any]
+    repo_id: str | None = None  # None for a local folder
+    revision: str | None = None  # the commit sha of a Hub artifact
+
+    @property
+    def source(self) -> dict[str, Any] | None:
+        """`{"repo_id", "revision", "files"}` of a Hub artifact (for model cards); None for a local folder."""
+        if self.repo_id is None:
+            return None
+        return {"repo_id": self.repo_id, "revision": self.revision,
+                "files": {path: entry["sha256"] for path, entry in self.config["files"].items()}}
+
+
+def load_projection_artifact(repo_id_or_path: str | os.PathLike, *, revision: str | None = None,
+                             layers: Sequence[int] | None = None,
+                             token: str | bool | None = None) -> LoadedArtifact:
+    """Read an artifact (statistics and, if stored, the projector) from a local folder or a Hub repo.
+
+    A Hub artifact that fails its checks is removed from the HF cache again, so nothing corrupt stays cached.
+    """
+    patterns = (["statistics/*", "projector/*"] if layers is None else
+                [path for layer in layers for path in (statistics_path(layer), projector_path(layer))])
+    folder, repo_id, commit = artifact_folder(repo_id_or_path, revision=revision, patterns=patterns, token=token)
+    try:
+        config = read_artifact_config(folder)
+        statistics = KeyStatistics.from_artifact(folder, config, layers)
+        projector = NullSpaceProjector.from_artifact(folder, config, statistics, statistics.layers)
+    except CorruptArtifactError as err:
+        if repo_id is None:
+            raise
+        evict_cached_files(Path(folder))
+        raise type(err)(f"{repo_id}@{(commit or '')[:12]}: {err} (the fetched files were removed from the "
+                        "cache)") from None
+    return LoadedArtifact(statistics, projector, config, repo_id, commit)
+
+
+def check_artifact_for_model(config: dict[str, Any], model: Any, layers: Sequence[int], *,
+                             strict: bool = False) -> None:
+    """`artifacts.check_artifact` for an `AlphaEditModel` (its spec, source and base weights) or a plain
+    transformers model."""
+    if callable(getattr(model, "base_weight_fingerprints", None)):
+        check_artifact(config, model.spec, model.source, layers,
+                       weight_fingerprints=model.base_weight_fingerprints(layers), strict=strict)
+        return
+    spec = resolve_model_spec(model, layer_module_tmp=None, rewrite_module_tmp=None, final_norm=None)
+    source = ModelSource(getattr(model.config, "_name_or_path", "") or "unknown", None, None, "local")
+    fingerprints = {layer: weight_fingerprint(spec.weight(model, layer)) for layer in layers}
+    check_artifact(config, spec, source, layers, weight_fingerprints=fingerprints, strict=strict)

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
+import glob
 import json
-import math
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,9 +34,10 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import save_file
 
-from . import __version__
-from .arguments import EditingArguments
+from ._version import __version__
+from .arguments import SIDE_EFFECT_FIELDS, SOURCE_FIELDS, EditingArguments
 from .cards import card_template
+from .fingerprint import fingerprints_match, weight_fingerprint
 from .hub import (
     DEFAULT_MODEL,
     EMBEDDED_GGUF_FILE,
@@ -46,8 +47,9 @@ from .hub import (
     download_snapshot,
     upload_folder_replacing,
 )
-from .methods.base import LayerUpdate
-from .state import STATE_JSON, STATE_TENSORS, BatchRecord, EditState
+from .registry import get_method_classes
+from .state import STATE_JSON, STATE_TENSORS, EditState, iso_time, record_norms, request_summary
+from .updates import LayerUpdate
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -64,10 +66,9 @@ PUBLISHED_FILES = (*EDIT_STATE_FILES, EDITING_CONFIG, EDIT_LOG)
 EditFormat = Literal["lora", "delta"]
 EDIT_FORMATS: tuple[str, ...] = ("lora", "delta")
 
-# Remote files a push replaces: weights of any layout (a stale `model.safetensors` would shadow new shards,
-# HUB_INTEGRATION.md §1.5), and every file one of our formats writes (a LoRA push onto a former checkpoint repo
-# must not leave `config.json` behind). Other files a user added to the repo are kept; `.gitattributes` always is.
-STALE_FILE_PATTERNS = [
+# Files a save or push of version 0.1.0 (which recorded no file list) counts as its own: every file one of our
+# formats writes. Saves since record the exact list in `editing_config.json` ("files").
+LEGACY_FILE_PATTERNS = [
     "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.gguf",
     "*.msgpack", "*.h5", "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
     "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json", ADAPTER_CONFIG, EDITING_CONFIG,
@@ -76,10 +77,10 @@ STALE_FILE_PATTERNS = [
 CARD_LOG_ROWS = 50
 # SmolLM2's license; the embedded GGUF copy has no model card to read it from.
 _EMBEDDED_BASE_LICENSE = "apache-2.0"
-_FINGERPRINT_SIZE = 16
-_FINGERPRINT_RTOL = 1e-2
 _LOCAL_PREFIX = "<local>/"
-_ALWAYS_LOCAL_ARGS = ("output_dir", "statistics_cache_dir", "resume_from_checkpoint")
+# Weight files that would shadow or mix with the weights a push writes (HUB_INTEGRATION.md §1.5).
+_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth",
+                    "*.gguf", "*.msgpack", "*.h5")
 _METHOD_TITLES = {"alphaedit": "AlphaEdit", "memit": "MEMIT"}
 _HUB_LOOKUP_ERRORS = (HfHubHTTPError, OSError, ValueError)
 # Entries of `evaluate`'s results that are not quality metrics (`*_std` are left out as well).
@@ -89,35 +90,15 @@ _EVALUATION_BOOKKEEPING = {"num_records", "seconds", "records_per_second"}
 # -- the edit log --------------------------------------------------------------------------------------------
 
 
-def _iso_time(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="seconds")
-
-
-def _request_summary(request: Any) -> dict[str, Any]:
-    return {"case_id": request.case_id, "prompt": request.prompt, "subject": request.subject,
-            "target_new": request.target_new, "target_true": request.target_true}
-
-
-def _norms(record: BatchRecord) -> dict[str, float]:
-    return {str(layer): norm for layer, norm in record.update_norms.items()}
-
-
-def revert_event(record: BatchRecord, method: str, timestamp: float) -> dict[str, Any]:
-    """The edit-log line of one reverted batch: when and what was reverted (its requests and update norms)."""
-    return {"event": "revert", "batch": record.index, "method": method, "time": _iso_time(timestamp),
-            "timestamp": timestamp, "edited_at": _iso_time(record.created_at), "num_edits": len(record.requests),
-            "requests": [_request_summary(r) for r in record.requests], "update_norms": _norms(record)}
-
-
 def edit_log(model: AlphaEditModel) -> list[dict[str, Any]]:
     """Every applied request (`event: "edit"`) and every reverted batch (`event: "revert"`), in time order."""
     lines = list(model.revert_log)
     for record in model.state.batches:
-        norms = _norms(record)
+        norms = record_norms(record)
         for position, request in enumerate(record.requests):
             lines.append({"event": "edit", "batch": record.index, "position": position,
-                          "method": model.state.method, "time": _iso_time(record.created_at),
-                          "timestamp": record.created_at, **_request_summary(request), "update_norms": norms})
+                          "method": model.state.method, "time": iso_time(record.created_at),
+                          "timestamp": record.created_at, **request_summary(request), "update_norms": norms})
     return sorted(lines, key=lambda line: line["timestamp"])
 
 
@@ -131,34 +112,6 @@ def _read_revert_log(path: Path) -> list[dict[str, Any]]:
         return []
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [line for line in lines if line.get("event") == "revert"]
-
-
-# -- undo ----------------------------------------------------------------------------------------------------
-
-
-def revert_batches(model: AlphaEditModel, num_batches: int) -> None:
-    """Undo the last `num_batches` batches: subtract their factors, drop their records, rebuild the method state.
-
-    Atomic: on any failure the weights, the state and the method's sequential state are as before.
-    """
-    applied = len(model.state.batches)
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or not 1 <= num_batches <= applied:
-        raise ValueError(f"revert: num_batches={num_batches!r} must be an integer between 1 and the number of "
-                         f"applied batches ({applied}).")
-    reverted = model.state.batches[applied - num_batches:]
-    snapshot = model._snapshot()
-    try:
-        for record in reversed(reverted):
-            for update in reversed(record.layers):
-                model._apply_delta(update.layer, -update.delta)
-        del model.state.batches[applied - num_batches:]
-        model._rebuild_method_state()
-    except BaseException:
-        model.state.batches[applied - num_batches:] = reverted
-        model._restore(snapshot)
-        raise
-    now = datetime.now(timezone.utc).timestamp()
-    model.revert_log.extend(revert_event(record, model.state.method, now) for record in reversed(reverted))
 
 
 # -- editing config and the base model's identity ------------------------------------------------------------
@@ -176,10 +129,14 @@ def _public_path(value: str) -> str:
 
 
 def _public_editing_args(args: EditingArguments) -> dict[str, Any]:
-    values = args.to_dict()  # tokens are masked here
-    for name in _ALWAYS_LOCAL_ARGS:
-        values[name] = None
-    values["statistics_corpus"] = _public_path(values["statistics_corpus"])
+    """The run's settings as published: tokens masked, settings that act on the publisher's machine at their
+    defaults, local paths reduced to their last component."""
+    values = args.to_dict()
+    defaults = EditingArguments().to_dict()
+    for name in SIDE_EFFECT_FIELDS:
+        values[name] = defaults[name]
+    for name in SOURCE_FIELDS:
+        values[name] = _public_path(values[name])
     return values
 
 
@@ -197,25 +154,11 @@ def _architecture(model: AlphaEditModel) -> dict[str, Any]:
             "key_size": spec.key_size, "rewrite_module_tmp": spec.rewrite_module_tmp, "conv1d": spec.conv1d}
 
 
-def _weight_fingerprint(weight: torch.Tensor) -> list[float]:
-    """The first entries of `W @ probe` (`W`: `[d, d_k]`) for a fixed random probe `[d_k]`, in float64.
-
-    Robust to the weight's dtype and to fp32 round-off; any other change of the weights moves it.
-    """
-    generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(weight.shape[1], generator=generator, dtype=torch.float64) / math.sqrt(weight.shape[1])
-    return (weight.detach().cpu().double() @ probe)[:_FINGERPRINT_SIZE].tolist()
-
-
-def _base_fingerprint(model: AlphaEditModel) -> dict[str, list[float]]:
-    """Fingerprints of the edited layers' weights *before* all applied edits (current weight minus their sum)."""
-    fingerprints = {}
-    for layer in model.hparams.layers:
-        weight = model.spec.weight(model.model, layer).detach().double()
-        with contextlib.suppress(ValueError):  # no edits at this layer
-            weight = weight - model.state.accumulated_delta(layer).to(weight)
-        fingerprints[str(layer)] = _weight_fingerprint(weight)
-    return fingerprints
+def _base_fingerprints(model: AlphaEditModel) -> dict[str, list[float]]:
+    """`weight_fingerprint`s of every edited matrix before any edit, by module name."""
+    modules = dict.fromkeys([model.spec.rewrite_module_name(layer) for layer in model.hparams.layers]
+                            + model.engine.edited_modules)
+    return {module: weight_fingerprint(model.engine.original_weight(module)) for module in modules}
 
 
 def projection_provenance(model: AlphaEditModel) -> dict[str, str | None] | None:
@@ -243,7 +186,7 @@ def editing_config(model: AlphaEditModel, file_format: str) -> dict[str, Any]:
         "base_model": {"name_or_path": public_base_model(source), "revision": source.revision,
                        "commit_sha": source.commit_sha, "origin": source.origin},
         "architecture": _architecture(model),
-        "base_fingerprint": _base_fingerprint(model),
+        "base_fingerprint": _base_fingerprints(model),
         "projection": projection_provenance(model),
         "num_edits": model.state.num_edits,
         "num_batches": len(model.state.batches),
@@ -260,15 +203,19 @@ def check_base(model: AlphaEditModel, config: Mapping[str, Any]) -> None:
         details = "; ".join(f"{k}: edits {v!r}, model {h!r}" for k, (v, h) in mismatched.items())
         raise ValueError(f"These edits were made on {saved_base}, whose architecture differs from the model they "
                          f"are being applied to ({details}). Load the base model the edits were made on.")
-    for layer, expected in config["base_fingerprint"].items():
-        actual = _weight_fingerprint(model.spec.weight(model.model, int(layer)))
-        scale = max(1.0, max(abs(x) for x in expected))
-        if max(abs(a - e) for a, e in zip(actual, expected, strict=True)) > _FINGERPRINT_RTOL * scale:
+    for key, expected in config["base_fingerprint"].items():
+        # Files of version 0.1.0 keyed the fingerprints by the layer of the rewrite module.
+        module = model.spec.rewrite_module_name(int(key)) if key.isdigit() else key
+        try:
+            actual = weight_fingerprint(model.engine.original_weight(module))
+        except AttributeError:
+            raise ValueError(f"These edits were made on {saved_base} and edit {module}, which this model does not "
+                             "have. Load the base model the edits were made on.") from None
+        if not fingerprints_match(expected, actual):
             raise ValueError(
                 f"These edits were made on {saved_base} (revision {base['commit_sha'] or 'unknown'}, origin "
-                f"{base['origin']}), but the weights of {model.spec.rewrite_module_name(int(layer))} differ from "
-                "that model's: load the same base model (same revision and weights; a quantized or otherwise "
-                "converted copy is a different base).")
+                f"{base['origin']}), but the weights of {module} differ from that model's: load the same base "
+                "model (same revision and weights; a quantized or otherwise converted copy is a different base).")
 
 
 # -- model cards ---------------------------------------------------------------------------------------------
@@ -388,43 +335,98 @@ def render_card(model: AlphaEditModel, kind: Literal["checkpoint", "lora", "delt
 # -- writing folders -----------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _replaced_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty staging folder that replaces `target` when the block succeeds (else `target` is untouched).
+def _written_files(folder: Path, config: Mapping[str, Any] | None) -> set[str]:
+    """The files (relative paths) an earlier save or push of ours wrote, from its `editing_config.json`; saves of
+    version 0.1.0 recorded none, so for them every file one of our formats writes counts."""
+    if config is None:
+        return set()
+    recorded = config.get("files")
+    if isinstance(recorded, list):
+        return {str(name) for name in recorded}
+    return {name for name in _relative_files(folder) if any(fnmatch.fnmatch(name, p) for p in LEGACY_FILE_PATTERNS)}
 
-    Refuses a non-empty `target` that no earlier save of ours wrote, so that a typo cannot wipe a folder.
+
+def _relative_files(folder: Path) -> list[str]:
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+@contextlib.contextmanager
+def _replaced_directory(target: Path, kind: str, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder that replaces what an earlier save of ours wrote in `target` when the block
+    succeeds (else `target` is untouched). Files of `target` that no save of ours wrote are kept.
+
+    Refuses a non-empty `target` that no save of ours wrote (a typo must not mix our files into a folder), and
+    replacing a full checkpoint by edits (its weights would go) unless `overwrite`.
     """
     target = Path(target).expanduser()
-    if target.exists() and (not target.is_dir() or (any(target.iterdir())
-                                                       and not (target / EDITING_CONFIG).is_file())):
+    previous = _read_config(target / EDITING_CONFIG) if target.is_dir() else None
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and previous is None)):
         raise FileExistsError(f"save directory {str(target)!r} exists and was not written by hf_alphaedit (no "
                               f"{EDITING_CONFIG}); choose a new or empty directory.")
+    if previous is not None and previous.get("format") == "checkpoint" and kind != "checkpoint" and not overwrite:
+        raise FileExistsError(f"save directory {str(target)!r} holds a full edited checkpoint (model weights); saving "
+                              f"the edits as {kind!r} there would replace it. Choose another directory, or pass "
+                              "overwrite=True to replace the checkpoint.")
+    ours = _written_files(target, previous) if previous is not None else set()
+    foreign_weights = [name for name in (_relative_files(target) if target.is_dir() else [])
+                       if name not in ours and _is_weight_file(name)]
+    if foreign_weights:
+        raise FileExistsError(f"save directory {str(target)!r} holds weight files this package did not write "
+                              f"({foreign_weights[:5]}); they would shadow or mix with the saved weights. Remove them "
+                              "or choose another directory.")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield staging
-        previous = None
+        written = set(_relative_files(staging))
+        if target.is_dir():
+            for name in _relative_files(target):
+                if name not in ours and name not in written:  # someone else's file: carried over unchanged
+                    (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                    _link_or_copy(target / name, staging / name)
+        old = None
         if target.exists():
-            previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, previous / "folder")
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "folder")
         os.replace(staging, target)
-        if previous is not None:
-            shutil.rmtree(previous)
+        if old is not None:
+            shutil.rmtree(old)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _is_weight_file(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in _WEIGHT_PATTERNS)
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
 def _write_common_files(model: AlphaEditModel, folder: Path, kind: str, model_name: str) -> None:
-    config = json.dumps(editing_config(model, kind), indent=2)
-    (folder / EDITING_CONFIG).write_text(config + "\n", encoding="utf-8")
+    """The edit log, the card, and last `editing_config.json`, which lists every file the save wrote."""
     _write_edit_log(model, folder / EDIT_LOG)
     render_card(model, kind, model_name).save(str(folder / MODEL_CARD))
+    config = editing_config(model, kind)
+    config["files"] = sorted({*_relative_files(folder), EDITING_CONFIG})
+    (folder / EDITING_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def save_checkpoint(model: AlphaEditModel, directory: str | os.PathLike, model_name: str | None = None) -> Path:
     """Write the edited model as a transformers checkpoint (safetensors + tokenizer), edit files and card."""
     target = Path(directory).expanduser()
-    with _replaced_directory(target) as staging:
+    with _replaced_directory(target, "checkpoint") as staging:
         model.model.save_pretrained(staging)
         model.tokenizer.save_pretrained(staging)
         model.state.save(staging)
@@ -432,19 +434,20 @@ def save_checkpoint(model: AlphaEditModel, directory: str | os.PathLike, model_n
     return target
 
 
-def lora_factors(model: AlphaEditModel) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per edited layer `(A, B)` with `B @ A` the accumulated update: `A` `[r, d_k]`, `B` `[d, r]`, float32.
+def lora_factors(model: AlphaEditModel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per edited matrix (module name) `(A, B)` with `B @ A` its accumulated update: `A` `[r, d_in]`, `B`
+    `[d_out, r]`, float32.
 
-    `r` is the number of factor columns at the layer (the batches' factors side by side: one per edit, plus any
+    `r` is the number of factor columns of the matrix (the batches' factors side by side: one per edit, plus any
     PRUNE correction columns), so the adapter is exact.
     """
-    updates: dict[int, list[LayerUpdate]] = {}
+    updates: dict[str, list[LayerUpdate]] = {}
     for record in model.state.batches:
         for update in record.layers:
-            updates.setdefault(update.layer, []).append(update)
-    return {layer: (torch.cat([u.right for u in items]).float().contiguous(),
-                    torch.cat([u.left for u in items], dim=1).float().contiguous())
-            for layer, items in sorted(updates.items())}
+            updates.setdefault(model.engine.module_name(update), []).append(update)
+    return {module: (torch.cat([u.right for u in items]).float().contiguous(),
+                     torch.cat([u.left for u in items], dim=1).float().contiguous())
+            for module, items in sorted(updates.items())}
 
 
 def _lora_config(model: AlphaEditModel, ranks: dict[str, int]) -> Any:
@@ -462,23 +465,21 @@ def _lora_config(model: AlphaEditModel, ranks: dict[str, int]) -> Any:
 
 
 def save_edit_adapter(model: AlphaEditModel, directory: str | os.PathLike, file_format: str,
-                      model_name: str | None = None) -> Path:
+                      model_name: str | None = None, *, overwrite: bool = False) -> Path:
     """Write the applied edits as a PEFT LoRA adapter (`"lora"`) or as our delta files (`"delta"`)."""
     if file_format not in EDIT_FORMATS:
         raise ValueError(f"save_edits: format={file_format!r}; choose one of {list(EDIT_FORMATS)}.")
     if not model.state.batches:
         raise ValueError("save_edits: there are no edits to save; call edit() first.")
     target = Path(directory).expanduser()
-    with _replaced_directory(target) as staging:
+    with _replaced_directory(target, file_format, overwrite=overwrite) as staging:
         if file_format == "lora":
             factors = lora_factors(model)
-            names = {layer: model.spec.rewrite_module_name(layer) for layer in factors}
-            _lora_config(model, {names[layer]: a.shape[0] for layer, (a, _) in factors.items()}).save_pretrained(
-                staging)
+            _lora_config(model, {module: a.shape[0] for module, (a, _) in factors.items()}).save_pretrained(staging)
             tensors = {}
-            for layer, (lora_a, lora_b) in factors.items():
-                tensors[f"base_model.model.{names[layer]}.lora_A.weight"] = lora_a
-                tensors[f"base_model.model.{names[layer]}.lora_B.weight"] = lora_b
+            for module, (lora_a, lora_b) in factors.items():
+                tensors[f"base_model.model.{module}.lora_A.weight"] = lora_a
+                tensors[f"base_model.model.{module}.lora_B.weight"] = lora_b
             save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         else:
             model.state.save(staging)
@@ -486,28 +487,47 @@ def save_edit_adapter(model: AlphaEditModel, directory: str | os.PathLike, file_
     return target
 
 
+def push_checkpoint(model: AlphaEditModel, repo_id: str, *, private: bool | None = None,
+                    token: str | bool | None = None, commit_message: str | None = None) -> CommitInfo:
+    """Push what `save_checkpoint` writes to `repo_id` (see `push_folder`)."""
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = save_checkpoint(model, Path(folder) / "checkpoint", model_name=repo_id)
+        return push_folder(checkpoint, repo_id, private=private, token=token, commit_message=(
+            commit_message or f"Edited model: {model.state.num_edits} edits with {model.state.method}"))
+
+
+def push_edit_adapter(model: AlphaEditModel, repo_id: str, file_format: str, *, private: bool | None = None,
+                      token: str | bool | None = None, commit_message: str | None = None,
+                      overwrite: bool = False) -> CommitInfo:
+    """Push what `save_edit_adapter` writes to `repo_id` (see `push_folder`)."""
+    with tempfile.TemporaryDirectory() as folder:
+        adapter = save_edit_adapter(model, Path(folder) / "edits", file_format, model_name=repo_id)
+        return push_folder(adapter, repo_id, private=private, token=token, overwrite=overwrite, commit_message=(
+            commit_message or f"{file_format} edits: {model.state.num_edits} edits with {model.state.method}"))
+
+
 # -- loading published edits ---------------------------------------------------------------------------------
 
 
 @dataclass
 class PublishedEdits:
-    """Edits read from a checkpoint or delta folder (local or downloaded from the Hub)."""
+    """Edits read from a checkpoint or delta folder (local or downloaded from the Hub): untrusted input."""
 
     config: dict[str, Any]
     state: EditState
     revert_log: list[dict[str, Any]]
 
     @property
-    def editing_args(self) -> EditingArguments:
-        return EditingArguments.from_dict(self.config["editing_args"])
+    def editing_args(self) -> dict[str, Any]:
+        """The publisher's settings as saved (turn them into the loader's with `EditingArguments.from_published`)."""
+        values = self.config.get("editing_args")
+        return dict(values) if isinstance(values, Mapping) else {}
 
     def method_config(self) -> Any:
         """The saved method config as an instance of the method's registered config class (or None)."""
-        from .methods import get_method_classes
-
         config_cls, _ = get_method_classes(self.config["method"])
         values = self.config.get("method_config")
-        return None if config_cls is None or values is None else config_cls(**values)
+        return None if config_cls is None or values is None else config_cls.from_dict(values)
 
 
 def read_published_edits(edits: str | os.PathLike, revision: str | None = None,
@@ -524,12 +544,14 @@ def read_published_edits(edits: str | os.PathLike, revision: str | None = None,
                 if (folder / ADAPTER_CONFIG).is_file() else "")
         raise ValueError(f"edits={str(edits)!r} holds no {STATE_JSON}: pass a folder or repo written by "
                          f"save_pretrained/push_to_hub or save_edits(format='delta').{hint}")
-    config = json.loads((folder / EDITING_CONFIG).read_text(encoding="utf-8"))
+    config = _read_config(folder / EDITING_CONFIG)
+    if config is None:
+        raise ValueError(f"edits={str(edits)!r}: {EDITING_CONFIG} is missing or not a JSON object.")
     return PublishedEdits(config, EditState.load(folder), _read_revert_log(folder / EDIT_LOG))
 
 
 def apply_published_edits(model: AlphaEditModel, edits: PublishedEdits) -> None:
-    """Check the base model, apply every saved batch through the editing path, and adopt the saved edit state."""
+    """Check the base model, then apply every saved batch through the engine (atomically) and adopt its log."""
     if model.state.batches:
         raise ValueError("edits=: the model already carries edits; load published edits onto an unedited base.")
     if edits.state.method != model.editing_args.method:
@@ -539,31 +561,57 @@ def apply_published_edits(model: AlphaEditModel, edits: PublishedEdits) -> None:
         raise ValueError(f"editing_args.layers resolve to {list(model.hparams.layers)}, but the published edits "
                          f"were made at layers {edits.state.layers}; use the same layers.")
     check_base(model, edits.config)
-    snapshot = model._snapshot()
-    try:
-        for record in edits.state.batches:
-            for update in record.layers:
-                model._apply_delta(update.layer, update.delta)
-    except BaseException:
-        model._restore(snapshot)
-        raise
-    model.state = edits.state
-    model.revert_log = list(edits.revert_log)
-    model._rebuild_method_state()
+    model.state.context_templates[:] = edits.state.context_templates
+    model.engine.apply_batches(edits.state.batches)
+    model.revert_log[:] = edits.revert_log
 
 
 # -- Hub -----------------------------------------------------------------------------------------------------
 
 
 def push_folder(folder: Path, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
-                commit_message: str) -> CommitInfo:
-    """Create `repo_id` if needed and commit `folder` to it, deleting stale files of earlier pushes."""
+                commit_message: str, overwrite: bool = False) -> CommitInfo:
+    """Create `repo_id` if needed and commit `folder` to it in one commit.
+
+    Files an earlier push of ours wrote (listed in the repo's `editing_config.json`) and this push does not are
+    deleted; files someone else added are kept. Refused, before anything is sent: weight files of someone else
+    that would shadow or mix with the pushed weights, and replacing a full checkpoint by edits unless
+    `overwrite`.
+    """
+    from huggingface_hub import HfApi, hf_hub_download
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    remote = set(api.list_repo_files(repo_id))
+    previous = None
+    if EDITING_CONFIG in remote:
+        previous = _read_config(Path(hf_hub_download(repo_id, EDITING_CONFIG, token=token)))
+    pushed = set(_relative_files(folder))
+    kind = (_read_config(folder / EDITING_CONFIG) or {}).get("format")
+    if previous is not None and previous.get("format") == "checkpoint" and kind != "checkpoint" and not overwrite:
+        raise FileExistsError(f"{repo_id} holds a full edited checkpoint; pushing the edits as {kind!r} would "
+                              "replace its weights. Push to another repo, or pass overwrite=True.")
+    ours = _remote_written_files(remote, previous)
+    foreign_weights = sorted(name for name in remote - ours - pushed if _is_weight_file(name))
+    if foreign_weights and any(_is_weight_file(name) for name in pushed):
+        raise FileExistsError(f"{repo_id} holds weight files this package did not write ({foreign_weights[:5]}); "
+                              "they would shadow or mix with the pushed weights. Remove them or push to another "
+                              "repo.")
+    stale = sorted((ours & remote) - pushed - {".gitattributes"})
     return upload_folder_replacing(folder, repo_id, private=private, token=token, commit_message=commit_message,
-                                   delete_patterns=STALE_FILE_PATTERNS)
+                                   delete_patterns=[glob.escape(name) for name in stale])
+
+
+def _remote_written_files(remote: set[str], previous: Mapping[str, Any] | None) -> set[str]:
+    if previous is None:
+        return set()
+    recorded = previous.get("files")
+    if isinstance(recorded, list):
+        return {str(name) for name in recorded}
+    return {name for name in remote if any(fnmatch.fnmatch(name, p) for p in LEGACY_FILE_PATTERNS)}
 
 
 def download_edit_files(repo_id: str, *, revision: str | None = None, token: str | bool | None = None) -> Path:
     """Download the edit files of a published checkpoint or delta repo (not its weights)."""
     return download_snapshot(repo_id, revision=revision, token=token,
                              allow_patterns=[*PUBLISHED_FILES, ADAPTER_CONFIG])[0]
-

@@ -216,11 +216,13 @@ def load_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _load_jsonl(path)
-    if suffix == ".json":
-        return _load_json(path)
-    raise EditRequestError([f"file {str(path)!r}: unsupported extension {suffix!r}; use .json or .jsonl"])
+    if suffix not in (".json", ".jsonl"):
+        raise EditRequestError([f"file {str(path)!r}: unsupported extension {suffix!r}; use .json or .jsonl"])
+    try:
+        return _load_jsonl(path) if suffix == ".jsonl" else _load_json(path)
+    except UnicodeDecodeError as error:
+        raise EditRequestError([f"file {str(path)!r}: not UTF-8 text ({error.reason} at byte {error.start}); give "
+                                "a JSON or JSON-lines file of records"]) from None
 
 
 def _load_jsonl(path: Path) -> list[dict[str, Any]]:

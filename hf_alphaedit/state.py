@@ -11,14 +11,15 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .methods.base import LayerUpdate
 from .requests import EditRequest, from_record
+from .updates import LayerUpdate
 
 STATE_TENSORS = "edit_state.safetensors"
 STATE_JSON = "edit_state.json"
@@ -70,17 +71,18 @@ class EditState:
         tensors: dict[str, torch.Tensor] = {}
         batches = []
         for record in self.batches:
-            for update in record.layers:
-                prefix = f"batch{record.index}.layer{update.layer}"
+            for position, update in enumerate(record.layers):
+                prefix = f"batch{record.index}.update{position}"
                 tensors[f"{prefix}.left"] = update.left.detach().cpu().contiguous()
                 tensors[f"{prefix}.right"] = update.right.detach().cpu().contiguous()
                 tensors[f"{prefix}.keys"] = update.keys.detach().cpu().contiguous()
             batches.append({
                 "index": record.index, "requests": [r.to_dict() for r in record.requests],
-                "layers": [u.layer for u in record.layers],
-                "restraint_ranks": [u.restraint_rank for u in record.layers], "target_losses": record.target_losses,
-                "target_steps": record.target_steps, "target_probabilities": record.target_probabilities,
-                "timings": record.timings, "created_at": record.created_at})
+                "updates": [{"layer": u.layer, "module": u.module, "restraint_rank": u.restraint_rank}
+                            for u in record.layers],
+                "target_losses": record.target_losses, "target_steps": record.target_steps,
+                "target_probabilities": record.target_probabilities, "timings": record.timings,
+                "created_at": record.created_at})
         meta = {"method": self.method, "layers": self.layers, "context_templates": self.context_templates,
                 "batches": batches}
         _atomic_write(directory / STATE_TENSORS, lambda path: save_file(tensors, path))
@@ -93,16 +95,46 @@ class EditState:
         tensors = load_file(str(directory / STATE_TENSORS)) if meta["batches"] else {}
         batches = []
         for item in meta["batches"]:
-            updates = []
-            for layer, restraint_rank in zip(item["layers"], item.get("restraint_ranks", [0] * len(item["layers"])),
-                                             strict=True):
-                prefix = f"batch{item['index']}.layer{layer}"
-                updates.append(LayerUpdate(layer, tensors[f"{prefix}.left"], tensors[f"{prefix}.right"],
-                                           tensors[f"{prefix}.keys"], restraint_rank))
+            updates = [LayerUpdate(entry["layer"], tensors[f"{prefix}.left"], tensors[f"{prefix}.right"],
+                                   tensors[f"{prefix}.keys"], entry["restraint_rank"], entry["module"])
+                       for entry, prefix in _update_entries(item)]
             batches.append(BatchRecord(item["index"], [from_record(r) for r in item["requests"]], updates,
                                        item["target_losses"], item["target_steps"], item["target_probabilities"],
                                        item["timings"], item["created_at"]))
         return cls(meta["method"], meta["layers"], meta["context_templates"], batches)
+
+
+def iso_time(timestamp: float) -> str:
+    """A UNIX timestamp as an ISO 8601 UTC time (seconds)."""
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def request_summary(request: Any) -> dict[str, Any]:
+    """The fields of a request that the edit log shows."""
+    return {"case_id": request.case_id, "prompt": request.prompt, "subject": request.subject,
+            "target_new": request.target_new, "target_true": request.target_true}
+
+
+def record_norms(record: BatchRecord) -> dict[str, float]:
+    """`{layer: Frobenius norm of ΔW}` of a batch, with string keys (JSON)."""
+    return {str(layer): norm for layer, norm in record.update_norms.items()}
+
+
+def revert_event(record: BatchRecord, method: str, timestamp: float) -> dict[str, Any]:
+    """The edit-log line of one reverted batch: when and what was reverted (its requests and update norms)."""
+    return {"event": "revert", "batch": record.index, "method": method, "time": iso_time(timestamp),
+            "timestamp": timestamp, "edited_at": iso_time(record.created_at), "num_edits": len(record.requests),
+            "requests": [request_summary(r) for r in record.requests], "update_norms": record_norms(record)}
+
+
+def _update_entries(item: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    """`(entry, tensor-name prefix)` of each update of a saved batch; files of version 0.1.0 keyed updates by layer
+    (one rewrite module per layer) and listed `layers` / `restraint_ranks` instead of `updates`."""
+    if "updates" in item:
+        return [(entry, f"batch{item['index']}.update{position}") for position, entry in enumerate(item["updates"])]
+    ranks = item.get("restraint_ranks", [0] * len(item["layers"]))
+    return [({"layer": layer, "module": None, "restraint_rank": rank}, f"batch{item['index']}.layer{layer}")
+            for layer, rank in zip(item["layers"], ranks, strict=True)]
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._version import __version__
 from .architectures import ModelSpec
+from .artifacts import (
+    PROVENANCE_KEYS,
+    ArtifactError,
+    CorruptArtifactError,
+    artifact_folder,
+    push_artifact_folder,
+    read_artifact_config,
+    read_artifact_tensors,
+    statistics_path,
+    write_artifact,
+)
+from .errors import check_finite
 from .forward import right_pad, run_until
 
 # Partial sums are formed in float32 matrix products (fast) and flushed into float64 every this many tokens,
@@ -77,30 +91,81 @@ class KeyStatistics:
         return KeyStatistics({k: self.sums[k] for k in layers}, {k: self.counts[k] for k in layers},
                              dict(self.metadata))
 
+    def artifact_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The artifact files of these statistics: per layer the packed upper triangle of `Σ k kᵀ` (float64
+        `[d_k (d_k + 1) / 2]`) and the count."""
+        return {statistics_path(layer): {"upper": _pack_upper(self.sums[layer]),
+                                         "count": torch.tensor([self.counts[layer]], dtype=torch.int64)}
+                for layer in self.layers}
+
+    def artifact_config(self) -> dict[str, Any]:
+        """The artifact config entries of these statistics (provenance, corpus, counts); refuses statistics without
+        model provenance or with non-finite values."""
+        meta = self.metadata
+        missing = [key for key in ("model_type", "key_size", "modules") if key not in meta]
+        if missing:
+            raise ArtifactError(f"the statistics have no model provenance ({missing}); compute them with "
+                                "AlphaEditModel.key_statistics or NullSpaceProjector.compute before saving.")
+        for layer in self.layers:
+            if not torch.isfinite(self.sums[layer]).all():
+                raise ArtifactError(f"the key statistics of layer {layer} contain NaN or Inf; refusing to save them.")
+        return {**{key: meta.get(key) for key in PROVENANCE_KEYS}, "layers": self.layers,
+                "corpus": meta.get("corpus"), "corpus_revision": meta.get("corpus_revision"),
+                "samples": meta.get("samples"), "tokens": {str(layer): self.counts[layer] for layer in self.layers},
+                "max_length": meta.get("max_length"), "model_dtype": meta.get("model_dtype"),
+                "statistics_dtype": "float64", "projector": None}
+
+    @classmethod
+    def from_artifact(cls, folder: str | os.PathLike, config: dict[str, Any],
+                      layers: Sequence[int] | None = None) -> KeyStatistics:
+        """The statistics of `layers` (default: all) of the artifact in `folder` whose config is `config`."""
+        available = list(config["layers"])
+        layers = available if layers is None else sorted(layers)
+        absent = sorted(set(layers) - set(available))
+        if absent:
+            raise ArtifactError(f"the artifact in {folder} has no statistics for layer(s) {absent}; it covers "
+                                f"layers {available}. Compute the missing layers (projection='compute') or choose "
+                                "EditingArguments.layers among those.")
+        d_k = config["key_size"]
+        sums, counts = {}, {}
+        for layer in layers:
+            tensors = read_artifact_tensors(folder, statistics_path(layer), config)
+            upper, count = tensors.get("upper"), tensors.get("count")
+            if upper is None or count is None or upper.shape != (d_k * (d_k + 1) // 2,) or count.shape != (1,):
+                raise CorruptArtifactError(f"{statistics_path(layer)}: expected tensors 'upper' "
+                                           f"[{d_k * (d_k + 1) // 2}] and 'count' [1]; the file is not a "
+                                           "key-statistics file of this artifact.")
+            if not torch.isfinite(upper).all():
+                raise CorruptArtifactError(f"{statistics_path(layer)}: the key statistics contain NaN or Inf values.")
+            if int(count[0]) <= 0:
+                raise CorruptArtifactError(f"{statistics_path(layer)}: the key count is {int(count[0])}; statistics "
+                                           "need at least one key.")
+            sums[layer], counts[layer] = _unpack_upper(upper.double(), d_k), int(count[0])
+        metadata = {key: config.get(key) for key in (*PROVENANCE_KEYS, "corpus", "corpus_revision", "samples",
+                                                     "max_length", "model_dtype", "package_version")}
+        return cls(sums, counts, metadata)
+
     @classmethod
     def from_pretrained(cls, repo_id_or_path: str | os.PathLike, revision: str | None = None, *,
-                        layers: Sequence[int] | None = None, model: Any = None, strict: bool = False,
-                        token: str | bool | None = None) -> KeyStatistics:
-        """Load the statistics of an artifact (local folder or Hub repo); checked against `model` if given."""
-        from .artifacts import check_artifact_for_model, load_artifact
-
-        loaded = load_artifact(repo_id_or_path, revision=revision, layers=layers, token=token)
-        if model is not None:
-            check_artifact_for_model(loaded.config, model, loaded.statistics.layers, strict=strict)
-        return loaded.statistics
+                        layers: Sequence[int] | None = None, token: str | bool | None = None) -> KeyStatistics:
+        """Load the statistics of an artifact (local folder or Hub repo, fetched into the HF cache)."""
+        patterns = None if layers is None else [statistics_path(layer) for layer in layers]
+        folder, _, _ = artifact_folder(repo_id_or_path, revision=revision, patterns=patterns or ["statistics/*"],
+                                       token=token)
+        return cls.from_artifact(folder, read_artifact_config(folder), layers)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the statistics as an artifact folder (safetensors + JSON + model card)."""
-        from .artifacts import write_artifact
-
-        write_artifact(directory, self)
+        write_artifact(directory, self.artifact_files(), self.artifact_config())
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
                     commit_message: str | None = None) -> str:
-        """Upload the statistics to `repo_id` (created if needed; stale files removed); returns the commit sha."""
-        from .artifacts import push_artifact
-
-        return push_artifact(self, None, repo_id, private=private, token=token, commit_message=commit_message)
+        """Upload the statistics to `repo_id` (created if needed; files of an earlier artifact replaced, other files
+        kept); returns the commit sha."""
+        with tempfile.TemporaryDirectory(prefix="hf_alphaedit-artifact-") as folder:
+            self.save_pretrained(folder)
+            return push_artifact_folder(folder, repo_id, private=private, token=token, commit_message=(
+                commit_message or f"Key statistics for layers {self.layers} (hf_alphaedit {__version__})"))
 
 
 def collect_key_statistics(
@@ -122,7 +187,7 @@ def collect_key_statistics(
     layers = sorted(layers)
     encoded = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
     sequences = sorted((ids for ids in encoded if ids), key=len, reverse=True)
-    batches = _pack_by_token_budget(sequences, batch_tokens)
+    batches = pack_by_token_budget(sequences, batch_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     d_k = spec.key_size
@@ -162,6 +227,9 @@ def collect_key_statistics(
     finally:
         for handle in handles:
             handle.remove()
+    for layer in layers:
+        check_finite(sums[layer], f"the key statistics of {spec.rewrite_module_name(layer)}",
+                     "the model produces non-finite activations below it (check its weights); nothing was cached")
     padded = sum(len(b) * len(b[0]) for b in batches)
     metadata = {"samples": len(sequences), "tokens": total_tokens, "padded_tokens": padded,
                 "max_length": max_length, "model_dtype": str(next(model.parameters()).dtype)}
@@ -174,7 +242,7 @@ def _flush(partial: dict[int, torch.Tensor], sums: dict[int, torch.Tensor]) -> N
         value.zero_()
 
 
-def _pack_by_token_budget(sequences: list[list[int]], batch_tokens: int) -> list[list[list[int]]]:
+def pack_by_token_budget(sequences: list[list[int]], batch_tokens: int) -> list[list[list[int]]]:
     """Greedy packing of length-sorted (longest first) sequences under a padded-size budget."""
     batches: list[list[list[int]]] = []
     current: list[list[int]] = []
@@ -214,3 +282,17 @@ def load_layer_statistics(path: Path) -> tuple[torch.Tensor, int, dict[str, Any]
     if not torch.isfinite(total).all():
         raise ValueError(f"key statistics file {path} contains NaN or Inf values; delete it to recompute.")
     return total, int(header["count"]), json.loads(header.get("metadata", "{}"))
+
+
+def _pack_upper(matrix: torch.Tensor) -> torch.Tensor:
+    """The upper triangle (diagonal included) of a symmetric `[d, d]` matrix, row by row: `[d (d + 1) / 2]`."""
+    rows, cols = torch.triu_indices(*matrix.shape)
+    return matrix[rows, cols].double().contiguous()
+
+
+def _unpack_upper(upper: torch.Tensor, size: int) -> torch.Tensor:
+    rows, cols = torch.triu_indices(size, size)
+    matrix = torch.zeros(size, size, dtype=upper.dtype)
+    matrix[rows, cols] = upper
+    matrix[cols, rows] = upper
+    return matrix

@@ -24,9 +24,9 @@ import torch
 from hf_alphaedit import AlphaEditModel, EditingArguments
 from hf_alphaedit.corpus import load_corpus_texts
 from hf_alphaedit.forward import right_pad, run_until
-from hf_alphaedit.methods.keys_targets import TargetOptimizer
+from hf_alphaedit.methods.targets import TargetOptimizer
 from hf_alphaedit.requests import as_edit_requests
-from hf_alphaedit.statistics import _pack_by_token_budget, collect_key_statistics
+from hf_alphaedit.statistics import collect_key_statistics, pack_by_token_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -41,9 +41,9 @@ def _timed(fn) -> float:
 def benchmark_statistics(model: AlphaEditModel, samples: int) -> dict:
     texts = load_corpus_texts(str(DATA / "wikitext-2" / "valid.txt"), samples)
     layers, spec, args = list(model.hparams.layers), model.spec, model.editing_args
-    max_length = model._statistics_max_length()
+    max_length = model.provider.statistics_max_length()
     encoded = model.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    batches = _pack_by_token_budget(sorted((e for e in encoded if e), key=len, reverse=True),
+    batches = pack_by_token_budget(sorted((e for e in encoded if e), key=len, reverse=True),
                                     args.statistics_batch_tokens)
     tokens = sum(len(s) for b in batches for s in b)
     padded = sum(len(b) * len(b[0]) for b in batches)
@@ -71,12 +71,9 @@ def benchmark_statistics(model: AlphaEditModel, samples: int) -> dict:
 
 
 def benchmark_edits(model: AlphaEditModel, records: list[dict], batch_size: int) -> dict:
-    original = {layer: model.spec.weight(model.model, layer).clone() for layer in model.hparams.layers}
     result = model.edit(records[:batch_size], batch_size=batch_size)
     batch = result.batches[0]
-    with torch.no_grad():
-        for layer, weight in original.items():
-            model.spec.weight(model.model, layer).copy_(weight)
+    model.reset()
     return {"batch_size": batch_size, "seconds": batch.seconds, "seconds_per_edit": batch.seconds / batch_size,
             "split_seconds": batch.timings, "mean_target_steps": sum(batch.target_steps) / batch_size,
             "min_target_probability": min(batch.target_probabilities)}
@@ -89,7 +86,7 @@ def benchmark_targets(model: AlphaEditModel, records: list[dict], count: int) ->
     for name, kwargs in {"batched": {}, "per_request": {"batch_tokens": 1},
                          "per_request_full_model": {"batch_tokens": 1, "mode": "full"}}.items():
         optimizer = TargetOptimizer(*common, **kwargs)
-        with model._editing_mode():
+        with model.engine.editing_mode():
             timings[name] = _timed(lambda optimizer=optimizer: optimizer.optimize(requests))
     return {"requests": count, "seconds": timings,
             "speedup_batched_vs_per_request": timings["per_request"] / timings["batched"],

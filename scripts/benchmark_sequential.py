@@ -37,16 +37,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from hf_alphaedit import AlphaEditModel, EditingArguments, list_methods
+from hf_alphaedit.checkpointing import latest_checkpoint, load_checkpoint, restore_checkpoint, save_checkpoint
 from hf_alphaedit.evaluation import evaluate_edits, evaluate_general, load_edit_records
 from hf_alphaedit.evaluation.scorer import encode_prompt, encode_target, inference
 from hf_alphaedit.forward import right_pad
 from hf_alphaedit.methods import MethodConfig, get_method_classes
-from hf_alphaedit.modeling import _method_state, _restore_method_state
 from hf_alphaedit.requests import as_edit_requests
-from hf_alphaedit.state import EditState
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -144,34 +142,18 @@ def evaluate_checkpoint(model: AlphaEditModel, records: list[dict], args: argpar
 
 
 def save_resume(model: AlphaEditModel, directory: Path) -> None:
-    """Edited weights, the method's tensor state (e.g. AlphaEdit's previous-edit keys) and the edit log."""
-    tensors = {f"weight.{layer}": model.spec.weight(model.model, layer).detach().cpu().contiguous()
-               for layer in model.hparams.layers}
-    for name, values in _method_state(model.method).items():
-        tensors.update({f"method.{name}.{key}": value.cpu().contiguous() for key, value in values.items()})
-    staging = directory.with_name(directory.name + ".tmp")
-    staging.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(staging / "weights.safetensors"))
-    model.state.save(staging)
-    if directory.exists():
-        for file in directory.iterdir():
-            file.unlink()
-        directory.rmdir()
-    staging.rename(directory)
+    """The run after its last finished batch, as an atomic checkpoint (`hf_alphaedit.checkpointing`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, directory, {"method": model.editing_args.method})
 
 
-def load_resume(model: AlphaEditModel, directory: Path) -> None:
-    tensors = load_file(str(directory / "weights.safetensors"))
-    with torch.no_grad():
-        for layer in model.hparams.layers:
-            model.spec.weight(model.model, layer).copy_(tensors[f"weight.{layer}"])
-    method_state: dict[str, dict[int, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("method."):
-            _, name, layer = key.split(".")
-            method_state.setdefault(name, {})[int(layer)] = value.to(model.device)
-    _restore_method_state(model.method, method_state)
-    model.state = EditState.load(directory)
+def load_resume(model: AlphaEditModel, directory: Path) -> bool:
+    """Continue from the checkpoint `save_resume` wrote, if there is one."""
+    checkpoint = latest_checkpoint(directory) if directory.is_dir() else None
+    if checkpoint is None:
+        return False
+    restore_checkpoint(model, load_checkpoint(checkpoint))
+    return True
 
 
 def run_method(method: str, records: list[dict], args: argparse.Namespace) -> None:
@@ -189,8 +171,7 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
     model = AlphaEditModel.from_pretrained(editing_args=editing_args, method_config=method_config)
     resume = args.output_dir / method / "resume"
     done_batches = 0
-    if (resume / "weights.safetensors").exists():
-        load_resume(model, resume)
+    if load_resume(model, resume):
         done_batches = model.state.num_edits // args.batch_size
         print(f"[{method}] resuming after {model.state.num_edits} edits")
     edit_seconds = sum(sum(b.timings.values()) for b in model.state.batches)

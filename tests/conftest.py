@@ -96,6 +96,16 @@ def wikitext_lines(shared_data: Path) -> list[str]:
     return [line.strip() for line in lines if line.strip()][:60]
 
 
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """`corpus.txt` (the first 60 non-empty WikiText-2 validation lines) in a folder of its own for the test module,
+    so a statistics cache next to it serves the whole module."""
+    lines = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join([line.strip() for line in lines if line.strip()][:60]), encoding="utf-8")
+    return path
+
+
 @pytest.fixture()
 def corpus(tmp_path: Path, wikitext_lines: list[str]) -> Path:
     """A folder with ``corpus.txt`` (the lines of ``wikitext_lines``): the statistics corpus of the tiny-model

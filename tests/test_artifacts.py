@@ -36,14 +36,6 @@ REQUESTS = [
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory, shared_data) -> Path:
-    lines = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join([line.strip() for line in lines if line.strip()][:60]), encoding="utf-8")
-    return path
-
-
 def _args(tmp_path: Path, corpus: Path | str, **overrides) -> EditingArguments:
     values = {"statistics_corpus": str(corpus), "statistics_samples": 60, "layers": LAYERS,
               "statistics_cache_dir": str(tmp_path / "stats"), "disable_tqdm": True, "v_num_grad_steps": 6,

@@ -13,14 +13,10 @@ from hf_alphaedit.architectures import resolve_model_spec
 from hf_alphaedit.forward import run_until
 from hf_alphaedit.methods import EditContext
 from hf_alphaedit.methods.alphaedit import AlphaEdit
-from hf_alphaedit.methods.keys_targets import (
-    LayerKeyReader,
-    TargetOptimizer,
-    choose_forward_mode,
-    generate_context_templates,
-    target_token_ids,
-)
+from hf_alphaedit.methods.keys import LayerKeyReader
 from hf_alphaedit.methods.memit import Memit
+from hf_alphaedit.methods.prompts import generate_context_templates, target_token_ids
+from hf_alphaedit.methods.targets import TargetOptimizer, choose_forward_mode
 from hf_alphaedit.projection import null_space_mask
 from hf_alphaedit.requests import as_edit_requests
 from hf_alphaedit.statistics import collect_key_statistics
@@ -162,7 +158,7 @@ def test_statistics_are_cached_on_disk(corpus, monkeypatch):
     model = AlphaEditModel(tiny_causal_lm("llama"), tiny_tokenizer(), _args(corpus))
     first = model.key_statistics([1, 2])
     again = AlphaEditModel(tiny_causal_lm("llama"), tiny_tokenizer(), _args(corpus))
-    monkeypatch.setattr("hf_alphaedit.modeling.collect_key_statistics",
+    monkeypatch.setattr("hf_alphaedit.provider.collect_key_statistics",
                         lambda *a, **k: pytest.fail("statistics were recomputed"))
     second = again.key_statistics([2, 1])
     for layer in (1, 2):
@@ -391,16 +387,16 @@ def test_a_failing_batch_leaves_weights_and_state_bit_for_bit_unchanged(corpus, 
     model.edit(REQUESTS[:1])
     weights = {k: v.clone() for k, v in model.model.state_dict().items()}
     gram = {k: v.clone() for k, v in model.method.previous_gram.items()}
-    original_apply = model.method.context.apply_delta
+    original_apply = model.method.context.apply
     calls = []
 
-    def failing_apply(layer, delta):
-        calls.append(layer)
+    def failing_apply(update):
+        calls.append(update.layer)
         if len(calls) == 3:  # after two of the three layers were already changed
             raise RuntimeError("injected failure")
-        original_apply(layer, delta)
+        original_apply(update)
 
-    monkeypatch.setattr(model.method.context, "apply_delta", failing_apply)
+    monkeypatch.setattr(model.method.context, "apply", failing_apply)
     with pytest.raises(RuntimeError, match="injected failure"):
         model.edit(REQUESTS[1:])
     assert calls == [1, 2, 3]
@@ -446,7 +442,7 @@ def test_bf16_model_edits_through_a_float32_master(corpus):
     model = AlphaEditModel(_scaled_model().to(torch.bfloat16), tiny_tokenizer(), _args(corpus, layers=[2]))
     original = model.spec.weight(model.model, 2).float().clone()
     model.edit(REQUESTS[:2])
-    master = model._masters[2]
+    master = model.engine.edited_tensors()[1]["model.layers.2.mlp.down_proj"]
     torch.testing.assert_close(master, original + model.state.accumulated_delta(2), rtol=0, atol=1e-6)
     assert torch.equal(model.spec.weight(model.model, 2), master.to(torch.bfloat16))
 
@@ -547,6 +543,24 @@ def test_run_until_stops_after_the_module():
     assert calls == []
 
 
+def test_the_wrapper_behaves_like_a_module(corpus):
+    model = AlphaEditModel(_scaled_model(), tiny_tokenizer(), _args(corpus, layers=[1, 2]))
+    assert isinstance(model, torch.nn.Module)
+    assert model.eval() is model and not model.training and not model.model.training
+    assert model.train() is model and model.model.training
+    model.eval()
+    assert model.to("cpu") is model and model.device == torch.device("cpu") and model.dtype == torch.float32
+    model.edit(REQUESTS[:1])
+    gram = {k: v.clone() for k, v in model.method.previous_gram.items()}
+    assert model.to(torch.float64) is model and model.dtype == torch.float64
+    # The method, whose constants lived in the old dtype, is rebuilt with its state from the applied batches.
+    rebuilt = model.method.previous_gram
+    assert all(torch.allclose(gram[k], rebuilt[k]) for k in gram)
+    model.edit(REQUESTS[1:2])
+    assert model.state.num_edits == 2 and model.spec.weight(model.model, 2).dtype == torch.float64
+    assert sum(1 for _ in model.parameters()) == sum(1 for _ in model.model.parameters())
+
+
 def test_edit_context_is_what_methods_receive(corpus):
     model = AlphaEditModel(tiny_causal_lm("llama"), tiny_tokenizer(), _args(corpus))
     assert isinstance(model.method.context, EditContext)
@@ -557,7 +571,7 @@ def test_scalar_coercion_leaves_list_fields_alone():
     """A `list[int]` field is not a scalar: values from YAML/JSON are converted only for scalar fields."""
     from dataclasses import dataclass, field
 
-    from hf_alphaedit.arguments import coerce_scalar_fields
+    from hf_alphaedit.fields import validate_fields
 
     @dataclass
     class Config:
@@ -566,7 +580,7 @@ def test_scalar_coercion_leaves_list_fields_alone():
         rate: float = 1.0
 
         def __post_init__(self) -> None:
-            coerce_scalar_fields(self)
+            validate_fields(self)
 
     assert Config(steps="3", rate="1e-4") == Config([5, 10], 3, 1e-4)
     with pytest.raises(ValueError, match="Config.steps='x': expected a int"):
@@ -578,15 +592,15 @@ def test_scalar_coercion_leaves_list_fields_alone():
     ("memit", True, {"preserved"}), ("memit", False, set()), ("nse", True, {"preserved"}),
     ("rome", True, set()), ("ft", True, set())])
 def test_the_per_batch_snapshot_copies_only_what_commit_changes(corpus, method, protect, state):
+    from hf_alphaedit.engine import copy_method_state
     from hf_alphaedit.methods.alphaedit import AlphaEditConfig
     from hf_alphaedit.methods.memit import MemitConfig
-    from hf_alphaedit.modeling import _method_state
 
     config = {"alphaedit": AlphaEditConfig(protect_previous_edits=protect),
               "memit": MemitConfig(protect_previous_edits=protect)}.get(method)
     model = AlphaEditModel(tiny_causal_lm("llama"), tiny_tokenizer(), _args(corpus, method=method),
                            method_config=config)
-    assert set(_method_state(model.method)) == state  # constants (null-space bases, λC₀ of MEMIT) are not copied
+    assert set(copy_method_state(model.method)) == state  # constants (null-space bases, λC₀ of MEMIT) are not copied
 
 
 def test_a_batch_failing_inside_commit_leaves_the_previous_edit_state_unchanged(corpus, monkeypatch):

@@ -14,9 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_quickstart_config_edits_evaluates_and_saves_offline(smollm2, smollm2_cache, tmp_path, monkeypatch, capsys):
-    # `smollm2` has converted the embedded GGUF into `smollm2_cache`; the CLI loads it from there, offline.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_quickstart_config_edits_evaluates_and_saves_offline(smollm2, smollm2_cache, tmp_path, monkeypatch, capsys,
+                                                            caplog):
+    # `smollm2` has converted the embedded GGUF into `smollm2_cache`; the CLI loads it from there. No network: the
+    # Hub's name does not resolve, as on a machine without internet (and without HF_HUB_OFFLINE set).
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://hub-unreachable.invalid")
     monkeypatch.setenv("HF_ALPHAEDIT_CACHE", str(smollm2_cache))
     monkeypatch.chdir(ROOT)
     output_dir = tmp_path / "quickstart"
@@ -24,6 +28,8 @@ def test_quickstart_config_edits_evaluates_and_saves_offline(smollm2, smollm2_ca
                    "--output_dir", str(output_dir), "--statistics_cache_dir", str(tmp_path / "stats"), "--quiet"])
     out = capsys.readouterr().out
     assert status == 0, out
+    unreachable = [r.getMessage() for r in caplog.records if "cannot be reached" in r.getMessage()]
+    assert len(unreachable) == 1 and "cannot resolve hub-unreachable.invalid" in unreachable[0], unreachable
     requests = json.loads((ROOT / "examples" / "edits.json").read_text())
     answers = out[out.index("answers (greedy)"):]
     assert answers.count("\n      before: ") == answers.count("\n      after:  ") == len(requests)

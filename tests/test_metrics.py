@@ -7,14 +7,14 @@ import math
 import pytest
 import yaml
 
-from hf_alphaedit.evaluation.summaries import (
+from hf_alphaedit.metrics import METRIC_NAMES, load_metric, metric_path
+from hf_alphaedit.metrics.summaries import (
     harmonic_mean,
     matthews_correlation,
     ngram_entropy,
     weighted_f1,
     word_tokenize,
 )
-from hf_alphaedit.metrics import METRIC_NAMES, load_metric, metric_path
 
 
 @pytest.mark.parametrize("name", METRIC_NAMES)

@@ -66,11 +66,15 @@ def test_a_small_sigma_max_would_enlarge_and_is_refused_unless_clipped(alpha):
     just_above = torch.tensor([sigma_max * 1.01], dtype=torch.float64)
     assert restrain_singular_values(just_above, sigma_max, alpha) > just_above  # the §7.1 caveat
     assert restrain_singular_values(just_above, sigma_max, alpha, clip=True) == just_above
-    weight = {0: sigma_max * torch.eye(4)}
+    weight = {"m": sigma_max * torch.eye(4)}
+
+    def restraint(weights, **kwargs):
+        return PruneRestraint(weights, lambda module, delta: None, lambda update: "m", alpha, **kwargs)
+
     with pytest.raises(ValueError, match=f"prune_alpha='{alpha}'.*prune_clip=True"):
-        PruneRestraint(weight, lambda layer, delta: None, alpha)
-    PruneRestraint(weight, lambda layer, delta: None, alpha, clip=True)
-    PruneRestraint({0: floor * torch.eye(4)}, lambda layer, delta: None, alpha)  # exactly at the bound: allowed
+        restraint(weight)
+    restraint(weight, clip=True)
+    restraint({"m": floor * torch.eye(4)})  # exactly at the bound: allowed
 
 
 @pytest.mark.parametrize(("d", "d_k", "rank"), [(16, 24, 5), (6, 9, 12)])
@@ -102,12 +106,12 @@ def test_restraint_of_known_singular_values_sets_w0_plus_restrained_delta(alpha)
     weight = original.clone()
     weight += u @ torch.diag(sigma) @ v.T  # the method applied ΔW = (U diag(σ)) Vᵀ
 
-    def apply_delta(layer: int, delta: torch.Tensor) -> None:
+    def add_delta(module: str, delta: torch.Tensor) -> None:
         weight.add_(delta.double())
 
     update = LayerUpdate(0, (u * sigma).float(), v.T.float(), torch.zeros(2, d_k))
-    restraint = PruneRestraint({0: original}, apply_delta, alpha)
-    assert restraint.sigma_max[0] == pytest.approx(6.0, rel=1e-6)
+    restraint = PruneRestraint({"m": original}, add_delta, lambda update: "m", alpha)
+    assert restraint.sigma_max["m"] == pytest.approx(6.0, rel=1e-6)
     (recorded,) = restraint.restrain([], [update])
     restrained = _dense_restraint(u @ torch.diag(sigma) @ v.T, 6.0, alpha)
     torch.testing.assert_close(weight - original, restrained, rtol=0, atol=5e-5)
@@ -173,7 +177,7 @@ def test_end_restraint_equals_the_reference_post_hoc_restraint_without_double_ad
     editor.edit(REQUESTS, batch_size=2)
     current = _weights(editor)
     for layer in LAYERS:
-        sigma_max = editor._restraint.sigma_max[layer]
+        sigma_max = editor.engine.restraint.sigma_max[editor.spec.rewrite_module_name(layer)]
         sigma = torch.linalg.svdvals(unrestrained[layer])
         assert sigma[0] > sigma_max > sigma[2], "the test needs singular values on both sides of σ_max"
         expected = _dense_restraint(unrestrained[layer], sigma_max, alpha)
@@ -193,7 +197,8 @@ def test_every_batch_restraint_is_what_the_next_batch_edits(corpus, unrestrained
     original = _weights(editor)
     editor.edit(REQUESTS[:2])
     after_first = _weights(editor)
-    sigma_max = editor._restraint.sigma_max
+    sigma_max = {layer: editor.engine.restraint.sigma_max[editor.spec.rewrite_module_name(layer)]
+                 for layer in LAYERS}
     fed_back = [u.layer for u in editor.state.batches[0].layers if u.restraint_rank]
     assert fed_back, "the test needs a restraint after the first batch"
     for layer, first in zip(LAYERS, editor.state.batches[0].layers, strict=True):

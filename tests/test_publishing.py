@@ -16,7 +16,7 @@ from hf_alphaedit import AlphaEditModel, EditingArguments, publishing
 from hf_alphaedit.hub import ModelSource
 from hf_alphaedit.methods import LayerUpdate
 from hf_alphaedit.state import BatchRecord
-from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
+from tests.tiny_models import tiny_causal_lm_with_large_activations, tiny_tokenizer
 
 REQUESTS = [
     {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",
@@ -30,37 +30,18 @@ EVALUATION = {"efficacy": 100.0, "generalization": 62.5, "specificity": 91.0, "e
               "num_records": 4, "seconds": 1.5, "pre": {"efficacy": 25.0, "generalization": 12.5}}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, shared_data) -> Path:
-    """A small local corpus; its folder also caches the key statistics for the whole module."""
-    lines = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()
-    path = tmp_path_factory.mktemp("publishing") / "corpus.txt"
-    path.write_text("\n".join([line.strip() for line in lines if line.strip()][:60]), encoding="utf-8")
-    return path
-
-
-def _args(corpus: Path, **overrides) -> EditingArguments:
-    values = {"statistics_corpus": str(corpus), "statistics_samples": 60, "layers": [1, 2],
-              "statistics_cache_dir": str(corpus.parent / "stats"), "disable_tqdm": True, "v_num_grad_steps": 8,
-              "v_lr": 0.5, "output_dir": str(corpus.parent / "out")}
+def _args(corpus_file: Path, **overrides) -> EditingArguments:
+    values = {"statistics_corpus": str(corpus_file), "statistics_samples": 60, "layers": [1, 2],
+              "statistics_cache_dir": str(corpus_file.parent / "stats"), "disable_tqdm": True, "v_num_grad_steps": 8,
+              "v_lr": 0.5, "output_dir": str(corpus_file.parent / "out")}
     values.update(overrides)
     return EditingArguments(**values)
 
 
-def _base_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
-    """A tiny model whose activations are large enough for edits to move the logits clearly (and, for Llama, for
-    a non-trivial null space)."""
-    model = tiny_causal_lm(family, seed=seed)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and not name.endswith(("down_proj", "lm_head")):
-                module.weight.mul_(4.0)
-    return model
-
-
-def _editor(corpus: Path, family: str = "llama", source: ModelSource | None = None,
+def _editor(corpus_file: Path, family: str = "llama", source: ModelSource | None = None,
             **overrides) -> AlphaEditModel:
-    return AlphaEditModel(_base_model(family), tiny_tokenizer(), _args(corpus, **overrides), source)
+    return AlphaEditModel(tiny_causal_lm_with_large_activations(family), tiny_tokenizer(), _args(corpus_file, **overrides),
+                          source)
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -74,7 +55,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _save_base(directory: Path, family: str = "llama", seed: int = 0) -> Path:
-    _base_model(family, seed).save_pretrained(directory)
+    tiny_causal_lm_with_large_activations(family, seed).save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
 
@@ -89,8 +70,8 @@ def _assert_nothing_private(files: dict[str, bytes], *private: str) -> None:
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_checkpoint_loads_with_plain_transformers(corpus, tmp_path, family):
-    editor = _editor(corpus, family)
+def test_checkpoint_loads_with_plain_transformers(corpus_file, tmp_path, family):
+    editor = _editor(corpus_file, family)
     before = _logits(editor.model)
     editor.edit(REQUESTS[:2])
     edited = _logits(editor.model)
@@ -109,11 +90,11 @@ def test_checkpoint_loads_with_plain_transformers(corpus, tmp_path, family):
         ("edit", "The Eiffel Tower", 0), ("edit", "Danielle", 0)]
     assert log[0]["target_true"] == "Paris" and log[0]["method"] == "alphaedit" and log[0]["case_id"] == 7
     assert set(log[0]["update_norms"]) == {"1", "2"} and all(v > 0 for v in log[0]["update_norms"].values())
-    _assert_nothing_private({p.name: p.read_bytes() for p in folder.iterdir()}, str(tmp_path), str(corpus.parent))
+    _assert_nothing_private({p.name: p.read_bytes() for p in folder.iterdir()}, str(tmp_path), str(corpus_file.parent))
 
 
-def test_saving_over_a_foreign_folder_is_refused_and_a_resave_replaces_stale_files(corpus, tmp_path):
-    editor = _editor(corpus)
+def test_saving_over_a_foreign_folder_is_refused_and_a_resave_replaces_stale_files(corpus_file, tmp_path):
+    editor = _editor(corpus_file)
     editor.edit(REQUESTS[:1])
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -123,9 +104,16 @@ def test_saving_over_a_foreign_folder_is_refused_and_a_resave_replaces_stale_fil
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
     folder = editor.save_pretrained(tmp_path / "edited")
-    (folder / "model-00001-of-00002.safetensors").write_bytes(b"stale shard")
+    recorded = json.loads((folder / publishing.EDITING_CONFIG).read_text())
+    recorded["files"].append("model-00002-of-00002.safetensors")  # as an earlier, sharded save of ours wrote
+    (folder / publishing.EDITING_CONFIG).write_text(json.dumps(recorded))
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"stale shard of ours")
     editor.save_pretrained(folder)
-    assert not (folder / "model-00001-of-00002.safetensors").exists()
+    assert not (folder / "model-00002-of-00002.safetensors").exists()
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"someone else's shard")
+    with pytest.raises(FileExistsError, match="weight files this package did not write"):
+        editor.save_pretrained(folder)
+    assert (folder / "model-00001-of-00002.safetensors").read_bytes() == b"someone else's shard"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".edited")], "no staging folder left behind"
 
 
@@ -133,8 +121,8 @@ def test_saving_over_a_foreign_folder_is_refused_and_a_resave_replaces_stale_fil
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_lora_adapter_reproduces_the_edited_model_through_peft(corpus, tmp_path, family):
-    editor = _editor(corpus, family)
+def test_lora_adapter_reproduces_the_edited_model_through_peft(corpus_file, tmp_path, family):
+    editor = _editor(corpus_file, family)
     editor.edit(REQUESTS[:3], batch_size=2)  # two batches: the adapter holds their factors side by side
     edited = _logits(editor.model)
     folder = editor.save_edits(tmp_path / "lora", format="lora")
@@ -144,7 +132,7 @@ def test_lora_adapter_reproduces_the_edited_model_through_peft(corpus, tmp_path,
     assert config["fan_in_fan_out"] is (family == "gpt2") and config["rank_pattern"] == {}
     assert sorted(config["target_modules"]) == [editor.spec.rewrite_module_name(i) for i in (1, 2)]
 
-    peft_model = PeftModel.from_pretrained(_base_model(family), folder).eval()
+    peft_model = PeftModel.from_pretrained(tiny_causal_lm_with_large_activations(family), folder).eval()
     assert _max_diff(_logits(peft_model), edited) <= 1e-4
     merged = peft_model.merge_and_unload()
     assert _max_diff(_logits(merged), edited) <= 1e-4
@@ -152,32 +140,31 @@ def test_lora_adapter_reproduces_the_edited_model_through_peft(corpus, tmp_path,
         assert _max_diff(editor.spec.weight(merged, layer), editor.spec.weight(editor.model, layer)) <= 1e-6
 
 
-def test_lora_rank_pattern_when_layers_have_different_ranks(corpus, tmp_path):
-    editor = _editor(corpus, layers=[1, 2, 3])
+def test_lora_rank_pattern_when_layers_have_different_ranks(corpus_file, tmp_path):
+    editor = _editor(corpus_file, layers=[1, 2, 3])
     editor.edit(REQUESTS[:2])
     # A batch that changed only layer 3 (as a method editing a subset of layers would record it).
     d, d_k = editor.spec.hidden_size, editor.spec.key_size
     extra = LayerUpdate(3, torch.randn(d, 1) * 0.1, torch.randn(1, d_k) * 0.1, torch.randn(1, d_k))
-    editor._apply_delta(3, extra.delta)
-    editor.state.batches.append(BatchRecord(1, [editor.state.batches[0].requests[0]], [extra], [], [], [],
-                                                       {}, editor.state.batches[0].created_at + 1))
+    editor.engine.apply_batches([BatchRecord(1, [editor.state.batches[0].requests[0]], [extra], [], [], [], {},
+                                             editor.state.batches[0].created_at + 1)])
     folder = editor.save_edits(tmp_path / "lora", format="lora")
     config = json.loads((folder / publishing.ADAPTER_CONFIG).read_text())
     name = editor.spec.rewrite_module_name(3)
     assert (config["r"], config["lora_alpha"]) == (2, 2)
     assert list(config["rank_pattern"].values()) == [3] and list(config["alpha_pattern"].values()) == [3]
-    peft_model = PeftModel.from_pretrained(_base_model(), folder).eval()
+    peft_model = PeftModel.from_pretrained(tiny_causal_lm_with_large_activations(), folder).eval()
     assert peft_model.get_submodule(f"base_model.model.{name}").r["default"] == 3
     assert _max_diff(_logits(peft_model), _logits(editor.model)) <= 1e-4
 
 
-def test_delta_edits_load_onto_the_base_and_editing_continues(corpus, tmp_path):
-    editor = _editor(corpus)
+def test_delta_edits_load_onto_the_base_and_editing_continues(corpus_file, tmp_path):
+    editor = _editor(corpus_file)
     editor.edit(REQUESTS[:3], batch_size=2)
     folder = editor.save_edits(tmp_path / "delta", format="delta")
     base = _save_base(tmp_path / "base")
 
-    loaded = AlphaEditModel.from_pretrained(str(base), edits=folder, editing_args=_args(corpus),
+    loaded = AlphaEditModel.from_pretrained(str(base), edits=folder, editing_args=_args(corpus_file),
                                             attn_implementation="eager")  # as the tiny models: same statistics
     for layer in (1, 2):  # the same deltas added in the same order
         assert torch.equal(loaded.spec.weight(loaded.model, layer), editor.spec.weight(editor.model, layer))
@@ -196,15 +183,15 @@ def test_delta_edits_load_onto_the_base_and_editing_continues(corpus, tmp_path):
     assert defaults.editing_args.layers == [1, 2] and defaults.editing_args.v_num_grad_steps == 8
 
 
-def test_edits_refuse_the_wrong_base_model(corpus, tmp_path):
-    editor = _editor(corpus)
+def test_edits_refuse_the_wrongtiny_causal_lm_with_large_activations(corpus_file, tmp_path):
+    editor = _editor(corpus_file)
     editor.edit(REQUESTS[:1])
     delta = editor.save_edits(tmp_path / "delta", format="delta")
     with pytest.raises(ValueError, match="differ from that model's"):
         AlphaEditModel.from_pretrained(str(_save_base(tmp_path / "other-seed", seed=1)), edits=delta)
     with pytest.raises(ValueError, match="architecture differs"):
         AlphaEditModel.from_pretrained(str(_save_base(tmp_path / "gpt2", "gpt2")), edits=delta,
-                                       editing_args=_args(corpus))
+                                       editing_args=_args(corpus_file))
     lora = editor.save_edits(tmp_path / "lora", format="lora")
     with pytest.raises(ValueError, match="PeftModel.from_pretrained"):
         AlphaEditModel.from_pretrained(str(_save_base(tmp_path / "base")), edits=lora)
@@ -217,8 +204,8 @@ def test_edits_refuse_the_wrong_base_model(corpus, tmp_path):
 # -- undo ----------------------------------------------------------------------------------------------------
 
 
-def test_revert_and_reset_restore_the_logits_and_are_logged(corpus, tmp_path):
-    editor = _editor(corpus)
+def test_revert_and_reset_restore_the_logits_and_are_logged(corpus_file, tmp_path):
+    editor = _editor(corpus_file)
     pristine = _logits(editor.model)
     editor.edit(REQUESTS[:1])
     after_first = _logits(editor.model)
@@ -243,31 +230,31 @@ def test_revert_and_reset_restore_the_logits_and_are_logged(corpus, tmp_path):
     assert card.data.hf_alphaedit["num_reverted_batches"] == 2 and "Reverted batches (2)" in card.text
 
 
-def test_a_failing_revert_changes_nothing(corpus, monkeypatch):
-    editor = _editor(corpus)
+def test_a_failing_revert_changes_nothing(corpus_file, monkeypatch):
+    editor = _editor(corpus_file)
     editor.edit(REQUESTS[:1])
     editor.edit(REQUESTS[1:3])
     weights = {k: v.clone() for k, v in editor.model.state_dict().items()}
     gram = {k: v.clone() for k, v in editor.method.previous_gram.items()}
     calls = []
-    original_apply = editor._apply_delta
+    original_apply = editor.engine.apply
 
-    def failing_apply(layer, delta):
-        calls.append(layer)
-        if len(calls) == 3:  # after the newest batch was subtracted from both layers
+    def failing_apply(update, **kwargs):
+        calls.append(update.layer)
+        if len(calls) == 2:  # the originals are back and the first kept update re-applied
             raise RuntimeError("injected failure")
-        original_apply(layer, delta)
+        original_apply(update, **kwargs)
 
-    monkeypatch.setattr(editor, "_apply_delta", failing_apply)
+    monkeypatch.setattr(editor.engine, "apply", failing_apply)
     with pytest.raises(RuntimeError, match="injected failure"):
-        editor.revert(2)
+        editor.revert(1)  # originals back, then batch 1 re-applied: the failure comes after its first layer
     assert all(torch.equal(v, weights[k]) for k, v in editor.model.state_dict().items())
     assert all(torch.equal(v, gram[k]) for k, v in editor.method.previous_gram.items())
     assert editor.state.num_edits == 3 and editor.revert_log == []
 
 
-def test_revert_then_edit_equals_never_having_made_the_reverted_batch(corpus):
-    editor = _editor(corpus)
+def test_revert_then_edit_equals_never_having_made_the_reverted_batch(corpus_file):
+    editor = _editor(corpus_file)
     editor.edit(REQUESTS[:1])
     gram_after_first = {k: v.clone() for k, v in editor.method.previous_gram.items()}
     editor.edit(REQUESTS[1:3])
@@ -277,7 +264,7 @@ def test_revert_then_edit_equals_never_having_made_the_reverted_batch(corpus):
         assert torch.equal(editor.method.previous_gram[layer], gram)
     editor.edit(REQUESTS[3:])
 
-    never = _editor(corpus)
+    never = _editor(corpus_file)
     never.edit(REQUESTS[:1])
     never.edit(REQUESTS[3:])
     for layer in (1, 2):
@@ -290,12 +277,12 @@ def test_revert_then_edit_equals_never_having_made_the_reverted_batch(corpus):
 # -- model cards ---------------------------------------------------------------------------------------------
 
 
-def test_card_front_matter_edit_log_and_metrics(corpus, tmp_path, monkeypatch):
+def test_card_front_matter_edit_log_and_metrics(corpus_file, tmp_path, monkeypatch):
     source = ModelSource("tester/tiny-llama-base", None, "a" * 40, "hub")
-    editor = _editor(corpus, source=source)
+    editor = _editor(corpus_file, source=source)
     editor.edit(REQUESTS[:3])
     editor.last_evaluation = EVALUATION  # what `evaluate` stores
-    editor.projection_source = {"repo_id": "tester/tiny-llama-base-key-statistics", "revision": "b" * 40}
+    editor.provider.projection_source = {"repo_id": "tester/tiny-llama-base-key-statistics", "revision": "b" * 40}
     monkeypatch.setattr(publishing, "CARD_LOG_ROWS", 2)
     folder = editor.save_pretrained(tmp_path / "edited")
 
@@ -316,8 +303,8 @@ def test_card_front_matter_edit_log_and_metrics(corpus, tmp_path, monkeypatch):
     assert data.hf_alphaedit["projection_revision"] == "b" * 40 and "b" * 40 in card.text
 
 
-def test_adapter_cards_say_what_they_are(corpus, tmp_path):
-    editor = _editor(corpus, source=ModelSource("tester/tiny-llama-base", "main", None, "hub"))
+def test_adapter_cards_say_what_they_are(corpus_file, tmp_path):
+    editor = _editor(corpus_file, source=ModelSource("tester/tiny-llama-base", "main", None, "hub"))
     editor.edit(REQUESTS[:1])
     lora = ModelCard.load(editor.save_edits(tmp_path / "lora", format="lora") / publishing.MODEL_CARD)
     delta = ModelCard.load(editor.save_edits(tmp_path / "delta", format="delta") / publishing.MODEL_CARD)
@@ -340,25 +327,22 @@ def _repo_files(hub_server, hub_api, repo_id: str) -> dict[str, bytes]:
     return {name: hub_server.file_bytes(repo_id, name) for name in hub_api.list_repo_files(repo_id)}
 
 
-def test_push_to_hub_checkpoint_round_trip(corpus, tmp_path, hub_server, hub_api, unique_repo_id, fresh_hf_cache):
+def test_push_to_hub_checkpoint_round_trip(corpus_file, tmp_path, hub_server, hub_api, unique_repo_id, fresh_hf_cache):
     base_repo, repo = unique_repo_id("tiny-llama-base"), unique_repo_id("tiny-llama-edited")
     _push_base(hub_api, base_repo, tmp_path / "base")
-    editor = AlphaEditModel.from_pretrained(base_repo, editing_args=_args(corpus))
+    editor = AlphaEditModel.from_pretrained(base_repo, editing_args=_args(corpus_file))
     assert editor.source.origin == "hub" and editor.source.commit_sha == hub_server.head_sha(base_repo)
     editor.edit(REQUESTS[:2])
     editor.last_evaluation = EVALUATION
-    hub_api.create_repo(repo)
-    for stale in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "adapter_config.json"):
-        hub_api.upload_file(path_or_fileobj=b"stale", path_in_repo=stale, repo_id=repo)
+    editor.push_edits_to_hub(repo, format="lora")  # an earlier push of ours, with files the next one lacks
     hub_api.upload_file(path_or_fileobj=b"user notes", path_in_repo="notes.md", repo_id=repo)
 
     editor.push_to_hub(repo)
     files = _repo_files(hub_server, hub_api, repo)
     assert {"model.safetensors", "config.json", "README.md", "editing_config.json", "edit_log.jsonl",
             "edit_state.safetensors", "edit_state.json", "notes.md"} <= set(files)
-    assert not {"model-00001-of-00002.safetensors", "model.safetensors.index.json", "adapter_config.json"} & set(
-        files)
-    _assert_nothing_private(files, str(tmp_path), str(corpus.parent), os.environ["HF_TOKEN"], "/tmp/")
+    assert not {"adapter_config.json", "adapter_model.safetensors"} & set(files)
+    _assert_nothing_private(files, str(tmp_path), str(corpus_file.parent), os.environ["HF_TOKEN"], "/tmp/")
 
     loaded = AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32).eval()
     assert _max_diff(_logits(loaded), _logits(editor.model)) <= 1e-5
@@ -369,28 +353,28 @@ def test_push_to_hub_checkpoint_round_trip(corpus, tmp_path, hub_server, hub_api
     assert {r.metric_type for r in card.data.eval_results} == {"efficacy", "generalization", "specificity"}
     assert "Danielle" in card.text
 
-    resumed = AlphaEditModel.from_pretrained(base_repo, edits=repo, editing_args=_args(corpus))
+    resumed = AlphaEditModel.from_pretrained(base_repo, edits=repo, editing_args=_args(corpus_file))
     assert _max_diff(_logits(resumed.model), _logits(editor.model)) <= 1e-6
 
 
-def test_push_edits_to_hub_lora_and_delta(corpus, tmp_path, hub_server, hub_api, unique_repo_id, fresh_hf_cache):
+def test_push_edits_to_hub_lora_and_delta(corpus_file, tmp_path, hub_server, hub_api, unique_repo_id, fresh_hf_cache):
     base_repo, lora_repo, delta_repo = (unique_repo_id(n) for n in ("tiny-base", "tiny-lora", "tiny-delta"))
     _push_base(hub_api, base_repo, tmp_path / "base")
-    editor = AlphaEditModel.from_pretrained(base_repo, editing_args=_args(corpus))
+    editor = AlphaEditModel.from_pretrained(base_repo, editing_args=_args(corpus_file))
     editor.edit(REQUESTS[:2])
     edited = _logits(editor.model)
 
     editor.push_edits_to_hub(lora_repo, format="lora")
     files = _repo_files(hub_server, hub_api, lora_repo)
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "edit_log.jsonl"} <= set(files)
-    _assert_nothing_private(files, str(tmp_path), str(corpus.parent), os.environ["HF_TOKEN"], "/tmp/")
+    _assert_nothing_private(files, str(tmp_path), str(corpus_file.parent), os.environ["HF_TOKEN"], "/tmp/")
     assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == base_repo
     base = AutoModelForCausalLM.from_pretrained(base_repo, dtype=torch.float32)
     assert _max_diff(_logits(PeftModel.from_pretrained(base, lora_repo).eval()), edited) <= 1e-4
     assert ModelCard.load(lora_repo).data.base_model == base_repo
 
     editor.push_edits_to_hub(delta_repo, format="delta")
-    loaded = AlphaEditModel.from_pretrained(base_repo, edits=delta_repo, editing_args=_args(corpus))
+    loaded = AlphaEditModel.from_pretrained(base_repo, edits=delta_repo, editing_args=_args(corpus_file))
     assert _max_diff(_logits(loaded.model), edited) <= 1e-5
 
 

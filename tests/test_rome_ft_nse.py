@@ -9,11 +9,11 @@ import torch
 
 from hf_alphaedit import AlphaEditModel, EditingArguments
 from hf_alphaedit.architectures import resolve_model_spec
-from hf_alphaedit.methods.base import LocateThenEditMethod
+from hf_alphaedit.methods import LocateThenEditMethod
 from hf_alphaedit.methods.ft import FTConfig
-from hf_alphaedit.methods.keys_targets import TargetOptimizer
 from hf_alphaedit.methods.nse import NSEConfig
 from hf_alphaedit.methods.rome import RomeConfig
+from hf_alphaedit.methods.targets import TargetOptimizer
 from hf_alphaedit.requests import as_edit_requests
 from tests.naive_scoring import rewrite_log_probs
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer

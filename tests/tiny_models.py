@@ -130,3 +130,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         padding_side="right",
         model_max_length=POSITIONS,
     )
+
+
+def tiny_causal_lm_with_large_activations(model_type: str = "llama", seed: int = 0) -> PreTrainedModel:
+    """`tiny_causal_lm` with every `nn.Linear` but the MLP output projections and the LM head scaled by 4, so that
+    edits move the logits clearly and (for Llama) the reference threshold leaves a non-trivial null space."""
+    model = tiny_causal_lm(model_type, seed=seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not name.endswith(("down_proj", "lm_head")):
+                module.weight.mul_(4.0)
+    return model

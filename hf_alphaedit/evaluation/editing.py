@@ -19,9 +19,9 @@ import datasets
 from torch import nn
 
 from ..metrics import load_metric
+from ..metrics.summaries import harmonic_mean, token_accuracy
 from ..requests import EditRequest, ZsreTarget, as_edit_requests
 from .scorer import DEFAULT_BATCH_TOKENS, encode_prompt, encode_target, generate_texts, score_continuations
-from .summaries import harmonic_mean, token_accuracy
 
 RecordKind = Literal["auto", "counterfact", "zsre"]
 EditRecords = str | os.PathLike | datasets.Dataset | Iterable[Mapping[str, Any] | EditRequest]

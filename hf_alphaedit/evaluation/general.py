@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import nn
 
+from ..metrics.summaries import matthews_correlation, weighted_f1
 from .scorer import DEFAULT_BATCH_TOKENS, encode_prompt, encode_target, progress, score_continuations
-from .summaries import matthews_correlation, weighted_f1
 
 LETTERS = ("A", "B", "C", "D")
 

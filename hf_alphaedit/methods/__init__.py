@@ -1,22 +1,25 @@
 """Editing methods, one folder each, registered by name; PRUNE is a restraint that composes with any of them."""
 
-from . import ft, nse, rome  # noqa: F401  (registers "ft", "nse", "rome")
 from .alphaedit import AlphaEdit, AlphaEditConfig, NullSpaceBooster  # registers "alphaedit"
 from .base import (
     BatchUpdate,
     EditContext,
     EditMethod,
     LayerUpdate,
-    LocateThenEditMethod,
     MethodConfig,
     get_method_classes,
     list_methods,
     projection_support,
     register_method,
 )
+from .ft import FineTune, FTConfig  # registers "ft"
+from .locate_then_edit import LocateThenEditMethod
 from .memit import Memit, MemitConfig  # registers "memit"
+from .nse import NSE, NSEConfig  # registers "nse"
 from .prune import PruneRestraint
+from .rome import Rome, RomeConfig  # registers "rome"
 
-__all__ = ["AlphaEdit", "AlphaEditConfig", "BatchUpdate", "EditContext", "EditMethod", "LayerUpdate",
-           "LocateThenEditMethod", "Memit", "MemitConfig", "MethodConfig", "NullSpaceBooster", "PruneRestraint",
-           "get_method_classes", "list_methods", "projection_support", "register_method"]
+__all__ = ["NSE", "AlphaEdit", "AlphaEditConfig", "BatchUpdate", "EditContext", "EditMethod", "FTConfig", "FineTune",
+           "LayerUpdate", "LocateThenEditMethod", "Memit", "MemitConfig", "MethodConfig", "NSEConfig",
+           "NullSpaceBooster", "PruneRestraint", "Rome", "RomeConfig", "get_method_classes", "list_methods",
+           "projection_support", "register_method"]

@@ -7,7 +7,7 @@ from typing import Any
 import datasets
 import evaluate
 
-from ..evaluation.summaries import probability_comparison
+from .summaries import probability_comparison
 
 ROME_CITATION = """\
 @inproceedings{meng2022locating,

@@ -1,6 +1,6 @@
 """AlphaEdit: closed-form updates projected onto the null space of preserved keys (ALGORITHMS.md §5.4)."""
 
-from ..base import register_method
+from ...registry import register_method
 from .booster import NullSpaceBooster
 from .config import AlphaEditConfig
 from .method import AlphaEdit

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ...projection import NullSpaceProjector
-from ..base import LayerUpdate
+from ...updates import LayerUpdate
 
 
 class NullSpaceBooster:

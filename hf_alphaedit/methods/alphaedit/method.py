@@ -3,7 +3,9 @@ from __future__ import annotations
 import torch
 
 from ...projection import NullSpaceProjector
-from ..base import BatchUpdate, EditContext, LocateThenEditMethod
+from ...updates import BatchUpdate
+from ..base import EditContext
+from ..locate_then_edit import LocateThenEditMethod
 from .booster import null_space_bases
 from .config import AlphaEditConfig
 
@@ -51,5 +53,6 @@ class AlphaEdit(LocateThenEditMethod):
         if not self.config.protect_previous_edits:
             return
         for layer_update in update.layers:
-            projected = self.bases[layer_update.layer].T @ layer_update.keys.T.double()
+            basis = self.bases[layer_update.layer]
+            projected = basis.T @ layer_update.keys.T.to(basis)  # keys of saved batches may sit on the CPU
             self.previous_gram[layer_update.layer] += projected @ projected.T

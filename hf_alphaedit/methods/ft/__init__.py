@@ -1,6 +1,6 @@
 """FT: fine-tuning of the edited MLP projections inside an L∞ box (ALGORITHMS.md §6.2)."""
 
-from ..base import register_method
+from ...registry import register_method
 from .config import FTConfig
 from .method import FineTune
 

@@ -7,11 +7,11 @@ with `norm_constraint=None` (Llama-3-8B: 21).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..base import MethodConfig
+from ...fields import setting
+from ...registry import MethodConfig
 
 OBJECTIVES = ("prompt_last", "target_new")
 
@@ -23,33 +23,19 @@ class FTConfig(MethodConfig):
     objective: Literal["prompt_last", "target_new"] = field(default="prompt_last", metadata={"help": (
         "'prompt_last' (reference): every target token is scored against the next-token distribution at the "
         "last prompt token. 'target_new' (EasyEdit): teacher-forced NLL of the target tokens after the prompt.")})
-    lr: float = field(default=5e-4, metadata={"help": "Adam learning rate."})
-    num_steps: int = field(default=25, metadata={"help": "Maximum number of epochs over the batch's requests."})
-    weight_decay: float = field(default=0.0, metadata={"help": (
-        "Adam (L2) weight decay on the trained weights, as torch.optim.Adam applies it (0 in every reference "
-        "file).")})
-    norm_constraint: float | None = field(default=5e-4, metadata={"help": (
+    lr: float = setting("Adam learning rate.", default=5e-4, low=0, low_open=True)
+    num_steps: int = setting("Maximum number of epochs over the batch's requests.", default=25, low=1)
+    weight_decay: float = setting("Adam (L2) weight decay on the trained weights, as torch.optim.Adam applies it "
+                                  "(0 in every reference file).", default=0.0, low=0)
+    norm_constraint: float | None = setting(
         "L∞ box: after every chunk each trained weight entry is clamped to within this distance of its value "
-        "before the batch. None: unconstrained fine-tuning.")})
-    chunk_size: int = field(default=64, metadata={"help": "Requests per optimisation step (the reference's "
-                                                          "batch_size)."})
-    early_stop_loss: float = field(default=1e-2, metadata={"help": (
+        "before the batch. None: unconstrained fine-tuning.", default=5e-4, low=0, low_open=True)
+    chunk_size: int = setting("Requests per optimisation step (the reference's batch_size).", default=64, low=1)
+    early_stop_loss: float = setting(
         "A chunk whose loss is below this takes no step, and training stops once an epoch's mean loss is below "
-        "it.")})
+        "it.", default=1e-2, low=0, low_open=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.objective not in OBJECTIVES:
             raise ValueError(f"FTConfig.objective={self.objective!r}: choose one of {list(OBJECTIVES)}.")
-        for name in ("lr", "early_stop_loss"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"FTConfig.{name}={value}: must be a positive finite number.")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"FTConfig.weight_decay={self.weight_decay}: must be >= 0.")
-        if self.norm_constraint is not None and not self.norm_constraint > 0:
-            raise ValueError(f"FTConfig.norm_constraint={self.norm_constraint}: give a positive box size, or None "
-                             "for unconstrained fine-tuning.")
-        for name in ("num_steps", "chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"FTConfig.{name}={getattr(self, name)}: must be at least 1.")

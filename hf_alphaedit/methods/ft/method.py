@@ -11,8 +11,9 @@ import torch
 from ...architectures import ModelSpec, round_half_up
 from ...forward import right_pad
 from ...requests import EditRequest
-from ..base import BatchUpdate, EditContext, LayerUpdate
-from ..keys_targets import target_token_ids
+from ...updates import BatchUpdate, LayerUpdate
+from ..base import EditContext
+from ..prompts import target_token_ids
 from .config import FTConfig
 
 

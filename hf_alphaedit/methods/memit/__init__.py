@@ -1,6 +1,6 @@
 """MEMIT: multi-layer closed-form updates with a soft preserved-key term (ALGORITHMS.md §5.2–5.3)."""
 
-from ..base import register_method
+from ...registry import register_method
 from .config import MemitConfig
 from .method import Memit
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..base import MethodConfig
+from ...registry import MethodConfig
 
 
 @dataclass

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import torch
 
-from ..base import BatchUpdate, EditContext, LocateThenEditMethod
+from ...updates import BatchUpdate
+from ..base import EditContext
+from ..locate_then_edit import LocateThenEditMethod
 from .config import MemitConfig
 
 
@@ -35,5 +37,5 @@ class Memit(LocateThenEditMethod):
         if not self.config.protect_previous_edits:
             return
         for layer_update in update.layers:
-            keys64 = layer_update.keys.double()  # [n, d_k]
+            keys64 = layer_update.keys.to(self.preserved[layer_update.layer])  # [n, d_k]
             self.preserved[layer_update.layer] += keys64.T @ keys64

@@ -1,6 +1,6 @@
 """NSE: sequential MEMIT with original-model targets, neuron selection and re-editing (ALGORITHMS.md §9.1)."""
 
-from ..base import register_method
+from ...registry import register_method
 from .config import NSEConfig
 from .method import NSE
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..base import MethodConfig
+from ...registry import MethodConfig
 
 # [PROPOSAL] Thresholds relative to each request's z-layer hidden-state norm ‖h‖ when no absolute value is given:
 # the reference values are absolute hidden-state distances tuned per model (GPT-2 XL 35/150, GPT-J 15/100,

@@ -7,9 +7,11 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ...requests import EditRequest
-from ..base import BatchUpdate, EditContext, LayerUpdate
-from ..keys_targets import LayerKeyReader, TargetResult
+from ...updates import BatchUpdate, LayerUpdate
+from ..base import EditContext
+from ..keys import LayerKeyReader
 from ..memit import Memit, MemitConfig
+from ..targets import TargetResult
 from .config import NSEConfig
 
 _GPTJ_NEURON_THRESHOLD = 0.8

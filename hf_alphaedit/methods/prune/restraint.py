@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from ..base import LayerUpdate
+from ...updates import LayerUpdate
 
 PruneAlpha = Literal["e", "2", "1.5", "1.2", "linear"]
 RestrainAt = Literal["end", "every_batch"]
@@ -70,25 +70,26 @@ class PruneRestraint:
     edits needs no extra state.
     """
 
-    def __init__(self, original_weights: Mapping[int, torch.Tensor],
-                 apply_delta: Callable[[int, torch.Tensor], None], alpha: PruneAlpha = "e",
-                 restrain_at: RestrainAt = "end", clip: bool = False) -> None:
-        """`original_weights`: `{layer: W₀ [d, d_k]}` (any dtype; only their largest singular values are kept);
-        `apply_delta(layer, ΔW [d, d_k])` adds to the edited weight."""
+    def __init__(self, original_weights: Mapping[str, torch.Tensor],
+                 add_delta: Callable[[str, torch.Tensor], None], module_of: Callable[[LayerUpdate], str],
+                 alpha: PruneAlpha = "e", restrain_at: RestrainAt = "end", clip: bool = False) -> None:
+        """`original_weights`: `{module: W₀ [d_out, d_in]}` of the matrices a method may edit (any dtype; only their
+        largest singular values are kept); `add_delta(module, ΔW [d_out, d_in])` adds to a weight;
+        `module_of(update)` names the matrix an update edits."""
         self.alpha, self.restrain_at, self.clip = alpha, restrain_at, clip
-        self.apply_delta = apply_delta
-        self.sigma_max = {layer: float(torch.linalg.matrix_norm(weight.detach().float(), ord=2))
-                          for layer, weight in original_weights.items()}
+        self.add_delta, self.module_of = add_delta, module_of
+        self.sigma_max = {module: float(torch.linalg.matrix_norm(weight.detach().float(), ord=2))
+                          for module, weight in original_weights.items()}
         if alpha != "linear" and not clip:
             floor = 1.0 / math.log(LOG_BASES[alpha])
-            small = {layer: round(value, 4) for layer, value in self.sigma_max.items() if value < floor}
+            small = {module: round(value, 4) for module, value in self.sigma_max.items() if value < floor}
             if small:
                 raise ValueError(
                     f"EditingArguments.prune_alpha={alpha!r}: the largest singular value σ_max of the original "
-                    f"weight is below 1/ln α = {floor:.3g} at layer(s) {small}, so the restraint would enlarge "
-                    "singular values just above σ_max (ALGORITHMS.md §7.1). Choose a larger base (prune_alpha='e' "
-                    "needs σ_max ≥ 1) or 'linear', or set prune_clip=True to use min(F(σ), σ).")
-        self._lifted: dict[int, Factors] = {}  # set by `lift`, recorded by the following `restrain`
+                    f"weight is below 1/ln α = {floor:.3g} for {small}, so the restraint would enlarge singular "
+                    "values just above σ_max (ALGORITHMS.md §7.1). Choose a larger base (prune_alpha='e' needs "
+                    "σ_max ≥ 1) or 'linear', or set prune_clip=True to use min(F(σ), σ).")
+        self._lifted: dict[str, Factors] = {}  # set by `lift`, recorded by the following `restrain`
 
     def lift(self, previous: Sequence[LayerUpdate]) -> None:
         """Before a batch, in `"end"` mode: take the previous batch's correction (`previous`: its recorded
@@ -99,39 +100,46 @@ class PruneRestraint:
         for update in previous:
             if update.restraint_rank:
                 left, right = update.left[:, -update.restraint_rank:], update.right[-update.restraint_rank:]
-                self.apply_delta(update.layer, -(left @ right))
-                self._lifted[update.layer] = (-left, right)
+                module = self.module_of(update)
+                self.add_delta(module, -(left @ right))
+                self._lifted[module] = (-left, right)
 
     def restrain(self, history: Iterable[LayerUpdate], updates: Sequence[LayerUpdate]) -> list[LayerUpdate]:
         """Restrain the accumulated perturbation after a batch and return the batch's factors to record.
 
         `history`: every earlier batch's recorded updates; `updates`: what the method applied in this batch. The
-        result has one `LayerUpdate` per layer whose factors are `[lift, the method's update(s), correction]`
+        result has one `LayerUpdate` per matrix whose factors are `[lift, the method's update(s), correction]`
         and whose keys are the method's keys only (so previous-edit key caches rebuilt from it are unchanged).
         """
-        accumulated: dict[int, list[Factors]] = {}
+        accumulated: dict[str, list[Factors]] = {}
         for update in history:
-            accumulated.setdefault(update.layer, []).append((update.left, update.right))
-        batch: dict[int, list[Factors]] = {layer: [factors] for layer, factors in self._lifted.items()}
-        keys: dict[int, list[torch.Tensor]] = {}
+            accumulated.setdefault(self.module_of(update), []).append((update.left, update.right))
+        batch: dict[str, list[Factors]] = {module: [factors] for module, factors in self._lifted.items()}
+        keys: dict[str, list[torch.Tensor]] = {}
+        names: dict[str, tuple[int, str | None]] = {}  # module -> (layer, LayerUpdate.module) of the record
+        for update in history:
+            names.setdefault(self.module_of(update), (update.layer, update.module))
         for update in updates:
-            if update.layer not in self.sigma_max:
-                raise ValueError(f"PRUNE: the method edited layer {update.layer}, which is not one of the edited "
-                                 f"layers {sorted(self.sigma_max)} whose original weights were recorded.")
-            batch.setdefault(update.layer, []).append((update.left, update.right))
-            keys.setdefault(update.layer, []).append(update.keys)
-        corrections = {layer: self._correction(layer, accumulated.get(layer, []) + parts)
-                       for layer, parts in batch.items()}
-        for layer, correction in corrections.items():
+            module = self.module_of(update)
+            if module not in self.sigma_max:
+                raise ValueError(f"PRUNE: the method edited {module}, which is not one of the matrices "
+                                 f"{sorted(self.sigma_max)} whose original weights were recorded.")
+            batch.setdefault(module, []).append((update.left, update.right))
+            keys.setdefault(module, []).append(update.keys)
+            names[module] = (update.layer, update.module)
+        corrections = {module: self._correction(module, accumulated.get(module, []) + parts)
+                       for module, parts in batch.items()}
+        for module, correction in corrections.items():
             if correction is not None:
-                self.apply_delta(layer, correction[0] @ correction[1])
+                self.add_delta(module, correction[0] @ correction[1])
         self._lifted = {}
-        return [_merged(layer, parts, keys.get(layer, []), corrections[layer]) for layer, parts in batch.items()]
+        return [_merged(*names[module], parts, keys.get(module, []), corrections[module])
+                for module, parts in batch.items()]
 
-    def _correction(self, layer: int, parts: Sequence[Factors]) -> Factors | None:
+    def _correction(self, module: str, parts: Sequence[Factors]) -> Factors | None:
         """`(U·diag(F(σ) − σ), Vᵀ)` over the components of `Σ left @ right` that F changes, or None."""
         u, sigma, v = factored_svd(torch.cat([left for left, _ in parts], 1), torch.cat([right for _, right in parts]))
-        change = restrain_singular_values(sigma, self.sigma_max[layer], self.alpha, self.clip) - sigma
+        change = restrain_singular_values(sigma, self.sigma_max[module], self.alpha, self.clip) - sigma
         changed = change != 0
         if not changed.any():
             return None
@@ -139,11 +147,12 @@ class PruneRestraint:
         return (u[:, changed] * change[changed]).to(dtype), v[:, changed].T.contiguous().to(dtype)
 
 
-def _merged(layer: int, parts: Sequence[Factors], keys: Sequence[torch.Tensor],
+def _merged(layer: int, module: str | None, parts: Sequence[Factors], keys: Sequence[torch.Tensor],
             correction: Factors | None) -> LayerUpdate:
-    """One `LayerUpdate` with `parts` and then `correction` side by side; keys `[n, d_k]` (`[0, d_k]` when none)."""
+    """One `LayerUpdate` with `parts` and then `correction` side by side; keys `[n, d_in]` (`[0, d_in]` when none)."""
     parts = [*parts, correction] if correction is not None else list(parts)
     left = torch.cat([left for left, _ in parts], 1)
     right = torch.cat([right for _, right in parts])
     batch_keys = torch.cat(list(keys)) if keys else right.new_zeros(0, right.shape[1])
-    return LayerUpdate(layer, left, right, batch_keys, correction[0].shape[1] if correction is not None else 0)
+    return LayerUpdate(layer, left, right, batch_keys, correction[0].shape[1] if correction is not None else 0,
+                       module)

@@ -1,6 +1,6 @@
 """ROME: one rank-one update per request, fitted to the raw prompt's key (ALGORITHMS.md §6.1)."""
 
-from ..base import register_method
+from ...registry import register_method
 from .config import RomeConfig
 from .method import Rome
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..base import MethodConfig
+from ...registry import MethodConfig
 
 KEY_MODES = ("reference", "averaged")
 REFERENCE_TEMPLATE_LENGTHS = (5, 10)

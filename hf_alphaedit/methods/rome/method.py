@@ -8,11 +8,13 @@ from typing import Any
 import torch
 
 from ...architectures import ModelSpec, round_half_up
-from ...arguments import CONTEXT_SEED_WORDS, ResolvedHyperparameters
 from ...forward import right_pad, run_until
+from ...hparams import CONTEXT_SEED_WORDS, ResolvedHyperparameters
 from ...requests import EditRequest
-from ..base import BatchUpdate, EditContext, LayerUpdate
-from ..keys_targets import TargetOptimizer, TargetResult, encode_with_subject, generate_context_templates
+from ...updates import BatchUpdate, LayerUpdate
+from ..base import EditContext
+from ..prompts import encode_with_subject, generate_context_templates
+from ..targets import TargetOptimizer, TargetResult
 from .config import RomeConfig
 
 _GATED_V_WEIGHT_DECAY = 1e-3

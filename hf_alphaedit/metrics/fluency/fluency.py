@@ -5,9 +5,9 @@ from typing import Any
 import datasets
 import evaluate
 
-from hf_alphaedit.evaluation.summaries import fluency
 from hf_alphaedit.metrics import base
 from hf_alphaedit.metrics.base import COUNTERFACT_CITATION, REFERENCE_URLS, per_record_features
+from hf_alphaedit.metrics.summaries import fluency
 
 INPUTS = """
 Args:

@@ -6,9 +6,9 @@ from typing import Any
 import datasets
 import evaluate
 
-from hf_alphaedit.evaluation.summaries import harmonic_mean, probability_comparison
 from hf_alphaedit.metrics import base
 from hf_alphaedit.metrics.base import COUNTERFACT_CITATION, REFERENCE_URLS, per_record_features
+from hf_alphaedit.metrics.summaries import harmonic_mean, probability_comparison
 
 # Prompt kind -> (reported metric, whether the new target should win).
 KINDS = {"rewrite": ("efficacy", True), "paraphrase": ("generalization", True), "neighborhood": ("specificity", False)}

@@ -5,9 +5,9 @@ from typing import Any
 import datasets
 import evaluate
 
-from hf_alphaedit.evaluation.summaries import token_accuracy
 from hf_alphaedit.metrics import base
 from hf_alphaedit.metrics.base import ALPHAEDIT_CITATION, MEMIT_CITATION, REFERENCE_URLS, ZSRE_CITATION
+from hf_alphaedit.metrics.summaries import token_accuracy
 
 KINDS = {"rewrite": "efficacy", "paraphrase": "generalization", "neighborhood": "specificity"}
 

@@ -1,12 +1,11 @@
-"""Shared, batched computation of context templates, target values `z` and keys `k` (ALGORITHMS.md §3–4).
+"""Batched target optimisation: the values `z` every request should produce at the z-layer (ALGORITHMS.md §3).
 
-Everything here is exact with respect to the reference procedure; the speed comes from
+Exact with respect to the reference procedure; the speed comes from
 - optimising the targets of all requests of a batch at once, with one delta and one Adam state per request and
   per-request early stopping (converged requests leave the batch, so they cost nothing afterwards);
-- running only the blocks above the z-layer during target optimisation (`BlockRunner`): the hidden states
-  below it do not depend on the delta;
-- computing vocabulary logits only at the positions the loss reads;
-- getting the keys of a layer and the z-layer outputs from one pass that starts at the last updated block.
+- running only the blocks above the z-layer (`BlockRunner`), and in `prefix_cache` mode only the tokens from each
+  prompt's lookup position on: the hidden states below the z-layer and the tokens before δ do not depend on it;
+- computing vocabulary logits only at the positions the loss reads.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,9 +23,11 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ..architectures import ModelSpec, block_output_hidden
-from ..arguments import CONTEXT_SEED_WORDS, ResolvedHyperparameters
+from ..errors import NonFiniteError
 from ..forward import BlockRunner, cache_argument, right_pad, run_until
+from ..hparams import ResolvedHyperparameters
 from ..requests import EditRequest
+from .prompts import encode_with_subject, target_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -47,68 +47,6 @@ ForwardMode = Literal["prefix_cache", "blocks", "full"]
 """How target optimisation runs the model at each step, fastest first: only the tokens from the lookup position
 on through the blocks above the z-layer, with a cache of the earlier tokens (`prefix_cache`); all tokens
 through the blocks above the z-layer (`blocks`); the whole model (`full`). All give the same results."""
-
-
-def generate_context_templates(model: nn.Module, tokenizer: Any, length: int, count: int,
-                               seed: int) -> list[str]:
-    """`["{}"]` plus `count` seeded top-5 samples of `length` tokens, each ending in `". {}"` (§3.1).
-
-    Samples start from the seed words "The", "Therefore", "Because", "I", "You"; special tokens are skipped
-    when decoding, and braces are replaced by spaces so the templates can be formatted safely.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    templates = ["{}"]
-    for word in CONTEXT_SEED_WORDS[:count]:
-        ids = tokenizer(word, return_tensors="pt")["input_ids"].to(device)
-        with torch.no_grad():
-            while ids.shape[1] < length:
-                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0, -1]
-                logits = logits.float().cpu()
-                top = torch.topk(logits, 5)
-                choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
-                ids = torch.cat([ids, top.indices[choice].view(1, 1).to(device)], dim=1)
-        text = tokenizer.decode(ids[0], skip_special_tokens=True)
-        text = unicodedata.normalize("NFKD", text).replace("\n\n", " ").replace("<|endoftext|>", "")
-        templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
-    return templates
-
-
-def target_token_ids(tokenizer: Any, target: str) -> list[int]:
-    """Ids of `" " + target` without special tokens (a leading BOS/UNK id is dropped, as the reference does)."""
-    ids = tokenizer(" " + target.lstrip(" "), add_special_tokens=False)["input_ids"]
-    if ids and ids[0] in (tokenizer.bos_token_id, tokenizer.unk_token_id) and len(ids) > 1:
-        ids = ids[1:]
-    if not ids:
-        raise ValueError(f"target {target!r} encodes to no tokens")
-    return ids
-
-
-def encode_with_subject(tokenizer: Any, items: Sequence[tuple[str, str, str]],
-                        fact_token: str) -> list[tuple[list[int], int]]:
-    """Token ids of `prefix + subject + suffix` and the lookup position of the fact, for each item.
-
-    Positions come from the fast tokenizer's offset mapping (the last token overlapping the subject), so they
-    do not rely on `enc(prefix + subject)` being a token prefix of the whole prompt.
-    """
-    texts = [prefix + subject + suffix for prefix, subject, suffix in items]
-    encoded = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
-    results = []
-    for (prefix, subject, suffix), ids, offsets in zip(items, encoded["input_ids"], encoded["offset_mapping"],
-                                                       strict=True):
-        start, end = len(prefix), len(prefix) + len(subject)
-        overlapping = [j for j, (a, b) in enumerate(offsets) if b > a and b > start and a < end]
-        if not overlapping:
-            raise ValueError(f"subject {subject!r} is not covered by any token of {texts[len(results)]!r}")
-        last_subject = overlapping[-1]
-        if fact_token == "subject_last":
-            lookup = last_subject
-        elif fact_token == "subject_first_after_last":
-            lookup = last_subject + 1 if suffix and last_subject + 1 < len(ids) else last_subject
-        else:
-            lookup = len(ids) - 1
-        results.append((list(ids), lookup))
-    return results
 
 
 @dataclass
@@ -197,6 +135,12 @@ class TargetOptimizer:
                     losses[i], steps[i] = result.losses[row], result.steps[row]
                     probs[i] = result.target_probabilities[row]
                 bar.update(len(chunk))
+        bad = [i for i in range(len(requests)) if not bool(torch.isfinite(values[i]).all())]
+        if bad:
+            names = ", ".join(f"{i} ({requests[i].subject!r})" for i in bad[:5])
+            raise NonFiniteError(f"the target values of request(s) {names} are not finite (NaN or Inf): the model's "
+                                 "hidden states or losses on their prompts are not finite (check its weights); "
+                                 "nothing was applied.")
         return TargetResult(values, initial, losses, steps, probs)
 
     def initial_log_probs(self, requests: Sequence[EditRequest]) -> torch.Tensor:
@@ -266,8 +210,10 @@ class TargetOptimizer:
             max_norm = hp.clamp_norm_factor * h_init[train].norm(dim=1, keepdim=True)
             norm = updated.norm(dim=1, keepdim=True)
             delta[train] = torch.where(norm > max_norm, updated * max_norm / norm, updated)
+        values = (h_init + delta).detach().cpu()
+        values[~torch.isfinite(final_loss)] = float("nan")  # a NaN loss "stops" at once; report it, never apply it
         return TargetResult(
-            values=(h_init + delta).detach().cpu(), initial_hidden=h_init.cpu(),
+            values=values, initial_hidden=h_init.cpu(),
             losses=final_loss.tolist(), steps=iterations.tolist(),
             target_probabilities=torch.exp(-final_nll).tolist())
 
@@ -482,94 +428,3 @@ class _Batch:
         token_log_probs = log_probs[self.label_index].gather(1, self.label_ids[:, None]).squeeze(1)
         per_request = torch.zeros(len(self.rows), device=log_probs.device, dtype=log_probs.dtype)
         return per_request.index_add(0, self.label_owner, -token_log_probs * self.label_weight)
-
-
-class LayerKeyReader:
-    """Keys at each edited layer and z-layer outputs on the raw prompts, for one batch of requests (§4, §5.1).
-
-    Layers are read in ascending order, each after the layers below it were updated. The pass for layer `l_i`
-    starts at block `l_{i-1}` (the only block changed since the previous pass) from that block's input recorded
-    in the previous pass, and ends at the z-layer, instead of running the model from the embeddings.
-    """
-
-    def __init__(self, model: nn.Module, tokenizer: Any, spec: ModelSpec, hparams: ResolvedHyperparameters,
-                 templates: Sequence[str], requests: Sequence[EditRequest], *, use_block_runner: bool = True) -> None:
-        self.model, self.spec, self.hparams = model, spec, hparams
-        self.use_block_runner = use_block_runner
-        device = next(model.parameters()).device
-        items, weights, owners, raw = [], [], [], []
-        n_context = len(templates) - 1
-        for r, request in enumerate(requests):
-            prefix, suffix = request.split_prompt()
-            for t, template in enumerate(templates):
-                items.append((template.split("{}")[0] + prefix, request.subject, suffix))
-                # Mean of the group means: the raw prompt is one group, the context templates the other.
-                weights.append((1.0 if n_context == 0 else 0.5) if t == 0 else 0.5 / n_context)
-                owners.append(r)
-                if t == 0:
-                    raw.append(len(items) - 1)
-        encoded = encode_with_subject(tokenizer, items, hparams.fact_token)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.input_ids, self.attention_mask = right_pad([ids for ids, _ in encoded], pad_id, device)
-        self.lookup = torch.tensor([lookup for _, lookup in encoded], device=device)
-        self.rows = torch.arange(len(encoded), device=device)
-        self.weights = torch.tensor(weights, device=device)
-        self.owners = torch.tensor(owners, device=device)
-        self.raw = torch.tensor(raw, device=device)
-        self.n_requests = len(requests)
-        self._runner = BlockRunner(model, spec) if use_block_runner else None
-        self._resume: tuple[int, torch.Tensor] | None = None
-
-    def read(self, layer_position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys `[n, d_k]` at edited layer number `layer_position` and z-layer outputs `[n, d]` (float32)."""
-        layers, z_layer = self.hparams.layers, self.hparams.z_layer
-        layer = layers[layer_position]
-        captured: dict[str, torch.Tensor] = {}
-        key_handle = self.spec.rewrite_module(self.model, layer).register_forward_pre_hook(
-            lambda _m, args: captured.__setitem__("keys", self._at_lookup(args[0])))
-        try:
-            if self._runner is None:
-                self._forward_to_z(captured)
-            elif self._resume is None:
-                with _capture_block_output(self.spec.block(self.model, z_layer), captured):
-                    inputs = self._runner.capture(range(layers[0], z_layer + 1), z_layer,
-                                                  input_ids=self.input_ids, attention_mask=self.attention_mask)
-                self._resume = (layers[0], inputs[layers[0]])
-            else:
-                start, hidden = self._resume
-                with torch.no_grad():
-                    hidden = self._runner.run(hidden, start, layer)
-                    self._resume = (layer, hidden)
-                    captured["z"] = self._runner.run(hidden, layer, z_layer + 1)
-        finally:
-            key_handle.remove()
-        return self._reduce(captured["keys"]), captured["z"][self.raw, self.lookup[self.raw]].float()
-
-    def _forward_to_z(self, captured: dict[str, torch.Tensor]) -> None:
-        z_block = self.spec.block(self.model, self.hparams.z_layer)
-        with _capture_block_output(z_block, captured), torch.no_grad():
-            run_until(self.model, z_block, input_ids=self.input_ids, attention_mask=self.attention_mask)
-
-    def _at_lookup(self, module_input: torch.Tensor) -> torch.Tensor:
-        """The edited module's input at each sequence's lookup position, `[sequences, d_k]`."""
-        tokens = module_input.reshape(len(self.rows), -1, module_input.shape[-1])  # OPT flattens tokens
-        return tokens[self.rows, self.lookup].detach()
-
-    def _reduce(self, keys: torch.Tensor) -> torch.Tensor:
-        weighted = keys.float() * self.weights[:, None]
-        reduced = torch.zeros(self.n_requests, keys.shape[1], device=keys.device)
-        return reduced.index_add(0, self.owners, weighted)
-
-
-class _capture_block_output:
-    """Context manager storing a block's output hidden state as `captured["z"]`."""
-
-    def __init__(self, block: nn.Module, captured: dict[str, torch.Tensor]) -> None:
-        self.block, self.captured = block, captured
-
-    def __enter__(self) -> None:
-        self.handle = self.block.register_forward_hook(
-            lambda _m, _a, out: self.captured.__setitem__("z", block_output_hidden(out).detach()))
-
-    def __exit__(self, *_: Any) -> None:
-        self.handle.remove()

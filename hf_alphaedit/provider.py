@@ -1,0 +1,206 @@
+"""Where a model's key statistics and null-space projectors come from: a projection artifact (`editing_args.
+projection`), memory, the disk cache, or one collection pass over `statistics_corpus`, in that order.
+
+Statistics always describe the base model: they are read, fingerprinted and collected inside
+`engine.without_edits()`. The disk cache is keyed on an exact digest of the weights they depend on (embeddings
+and the blocks up to the layer), the model dtype, the transformers version, the corpus and the sampling settings,
+so statistics of other weights are never reused; non-finite statistics are never cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import transformers
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+from ._version import __version__
+from .architectures import ModelSpec
+from .artifacts import ArtifactError, check_artifact, default_artifact_repo_id, model_provenance
+from .corpus import corpus_fingerprint, load_corpus_texts
+from .engine import EditEngine
+from .fingerprint import weight_fingerprint, weights_digests
+from .hparams import ResolvedHyperparameters
+from .hub import ModelSource, hub_namespace, hub_unreachable_reason
+from .projection import LoadedArtifact, NullSpaceProjector, load_projection_artifact
+from .statistics import (
+    KeyStatistics,
+    collect_key_statistics,
+    load_layer_statistics,
+    save_layer_statistics,
+    statistics_cache_key,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_STATISTICS_LENGTH = 4096
+# What makes `projection="auto"` fall back to computing: no artifact there, no Hub, or an unusable artifact.
+_AUTO_FALLBACK_ERRORS = (ArtifactError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError)
+
+
+class StatisticsProvider:
+    """Key statistics and projectors of one model's edited layers (see the module docstring)."""
+
+    def __init__(self, engine: EditEngine, tokenizer: Any, source: ModelSource, editing_args: Any,
+                 hparams: ResolvedHyperparameters) -> None:
+        self.engine, self.tokenizer, self.source = engine, tokenizer, source
+        self.editing_args, self.hparams = editing_args, hparams
+        # {"repo_id", "revision", "files"} of the Hub artifact the statistics came from or were pushed to.
+        self.projection_source: dict[str, Any] | None = None
+        self._statistics: dict[int, KeyStatistics] = {}
+        self._projectors: dict[tuple[int, ...], NullSpaceProjector] = {}
+        self._artifact: LoadedArtifact | None = None
+        self._artifact_resolved = False
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.engine.spec
+
+    def base_weight_fingerprints(self, layers: Sequence[int]) -> dict[int, list[float]]:
+        """`fingerprint.weight_fingerprint` of each layer's rewrite-module weight before any edit."""
+        return {layer: weight_fingerprint(self.engine.original_weight(self.spec.rewrite_module_name(layer)))
+                for layer in layers}
+
+    def key_statistics(self, layers: Sequence[int]) -> KeyStatistics:
+        """Key statistics of `layers` of the base model: from the projection artifact, memory, the disk cache, or
+        one collection pass for the missing ones."""
+        artifact = self.artifact()
+        if artifact is not None and set(layers) <= set(artifact.statistics.layers):
+            return artifact.statistics.subset(layers)
+        missing = [layer for layer in layers if layer not in self._statistics]
+        if missing:
+            with self.engine.without_edits():
+                self._load_or_collect(missing)
+        parts = [self._statistics[layer] for layer in layers]
+        metadata = {**(parts[0].metadata if parts else {}),
+                    **model_provenance(self.spec, self.source, layers, self.base_weight_fingerprints(layers))}
+        return KeyStatistics({layer: s.sums[layer] for layer, s in zip(layers, parts, strict=True)},
+                             {layer: s.counts[layer] for layer, s in zip(layers, parts, strict=True)}, metadata)
+
+    def _load_or_collect(self, layers: list[int]) -> None:
+        args = self.editing_args
+        model = self.engine.model
+        cache_dir = Path(args.statistics_cache_dir or os.path.join(
+            os.environ.get("HF_ALPHAEDIT_CACHE", os.path.expanduser("~/.cache/hf_alphaedit")), "statistics"))
+        max_length = self.statistics_max_length()
+        digests = weights_digests(model, self.spec, layers)
+        corpus = corpus_fingerprint(args.statistics_corpus)
+        paths = {}
+        for layer in layers:
+            key = statistics_cache_key(
+                weights=digests[layer], module=self.spec.rewrite_module_name(layer), corpus=corpus,
+                samples=args.statistics_samples, max_length=max_length,
+                dtype=str(self.spec.weight(model, layer).dtype), transformers=transformers.__version__)
+            paths[layer] = cache_dir / f"{self.spec.model_type}-layer{layer}-{key}.safetensors"
+        to_collect = []
+        for layer in layers:
+            if paths[layer].exists():
+                total, count, meta = load_layer_statistics(paths[layer])
+                self._statistics[layer] = KeyStatistics({layer: total}, {layer: count}, meta)
+            else:
+                to_collect.append(layer)
+        if not to_collect:
+            return
+        texts = load_corpus_texts(args.statistics_corpus, args.statistics_samples)
+        was_training = model.training
+        model.eval()
+        try:
+            collected = collect_key_statistics(model, self.tokenizer, self.spec, to_collect, texts,
+                                               max_length=max_length, batch_tokens=args.statistics_batch_tokens,
+                                               show_progress=not args.disable_tqdm)
+        finally:
+            model.train(was_training)
+        collected.metadata.update(corpus=args.statistics_corpus, package_version=__version__)
+        for layer in to_collect:
+            single = collected.subset([layer])
+            save_layer_statistics(paths[layer], single, layer)
+            self._statistics[layer] = single
+
+    def null_space_projector(self, layers: Sequence[int]) -> NullSpaceProjector:
+        """The null-space projector of `layers` for the run's threshold.
+
+        Taken from the projection artifact when it holds one for this threshold, else built from the key
+        statistics (an artifact's statistics serve any other threshold without a new pass over the corpus).
+        A projector computed here is pushed to the Hub when `editing_args.push_projection_to_hub` is set.
+        """
+        layers = tuple(sorted(layers))
+        if layers in self._projectors:
+            return self._projectors[layers]
+        hp = self.hparams
+        artifact = self.artifact()
+        stored = artifact.projector if artifact is not None else None
+        if (stored is not None and set(layers) <= set(stored.layers)
+                and (stored.threshold, stored.threshold_mode) == (hp.nullspace_threshold, hp.nullspace_threshold_mode)):
+            projector = stored
+        else:
+            projector = NullSpaceProjector.from_statistics(self.key_statistics(layers), hp.nullspace_threshold,
+                                                           hp.nullspace_threshold_mode)
+        self._projectors[layers] = projector
+        if artifact is None and self.editing_args.push_projection_to_hub:
+            self.push_projection_to_hub()
+        return projector
+
+    def push_projection_to_hub(self, repo_id: str | None = None, *, private: bool | None = None,
+                               token: str | bool | None = None) -> str:
+        """Upload the key statistics and projector of the edited layers; returns the commit sha.
+
+        `repo_id` defaults to `editing_args.projection_hub_repo_id`, else `<your namespace>/<model>-key-statistics`.
+        """
+        args = self.editing_args
+        token = token if token is not None else args.hub_token
+        projector = self.null_space_projector(self.hparams.layers)
+        repo_id = repo_id or args.projection_hub_repo_id or default_artifact_repo_id(
+            self.source.name_or_path, namespace=hub_namespace(token))
+        commit = projector.push_to_hub(repo_id, private=private if private is not None else args.hub_private_repo,
+                                       token=token)
+        self.projection_source = {"repo_id": repo_id, "revision": commit}
+        logger.info("pushed the key statistics and projector of layers %s to %s@%s", projector.layers, repo_id,
+                    commit[:12])
+        return commit
+
+    def artifact(self) -> LoadedArtifact | None:
+        """The artifact `editing_args.projection` names (fetched and checked once), or None to compute locally.
+
+        With `"auto"`, a missing, unreachable or unusable artifact at the conventional repo means computing the
+        statistics (said once, in one line); an artifact named explicitly must load.
+        """
+        if self._artifact_resolved:
+            return self._artifact
+        args, layers = self.editing_args, list(self.hparams.layers)
+        choice = args.projection
+        self._artifact_resolved = True
+        if choice == "compute" or (choice == "auto" and self.source.origin == "local"):
+            return None
+        name = default_artifact_repo_id(self.source.name_or_path) if choice == "auto" else choice
+        try:
+            artifact = load_projection_artifact(name, revision=args.projection_revision, layers=layers,
+                                                token=args.hub_token)
+            check_artifact(artifact.config, self.spec, self.source, layers,
+                           weight_fingerprints=self.base_weight_fingerprints(layers))
+        except _AUTO_FALLBACK_ERRORS as err:
+            if choice != "auto":
+                self._artifact_resolved = False
+                raise
+            reason = hub_unreachable_reason(err) or f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            logger.info("projection='auto': no usable key-statistics artifact at %s (%s); computing them from %s",
+                        name, reason, args.statistics_corpus)
+            return None
+        logger.info("using the key statistics%s of %s", " and projector" if artifact.projector else "", name)
+        self._artifact = artifact
+        self.projection_source = artifact.source
+        return artifact
+
+    def statistics_max_length(self) -> int:
+        """`editing_args.statistics_max_length`, else the model's context length capped at 4096 tokens."""
+        if self.editing_args.statistics_max_length is not None:
+            return self.editing_args.statistics_max_length
+        config = self.engine.model.config
+        for name in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return min(value, MAX_STATISTICS_LENGTH)
+        return MAX_STATISTICS_LENGTH
