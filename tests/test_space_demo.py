@@ -316,3 +316,20 @@ def test_push_is_off_by_default_and_uses_the_visitors_token(served, hub_api, uni
     assert repo_id in client.predict(repo_id, "hf_visitor_token", api_name="/push")
     files = hub_api.list_repo_files(repo_id)
     assert {"model.safetensors", "edit_log.jsonl", "README.md"} <= set(files)
+
+
+@pytest.mark.slow
+def test_edit_on_smollm2_moves_the_probabilities_and_spares_the_neighbour(smollm2_editor):
+    """What the page shows on the real model: the new answer becomes likely, the old one unlikely, the paraphrase
+    follows the edit and the unrelated neighbour's answer stays as it was."""
+    session = EditingSession(smollm2_editor(), DemoLimits(answer_seconds=600))  # compare answers, not the clock
+    outcome = session.edit("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris",
+                           "The Eiffel Tower stands in the city of", "The Colosseum is located in the city of")
+    new, old = outcome.probabilities
+    assert new.before < 0.1 < 0.5 < new.after and old.after < 0.1 < 0.5 < old.before
+    edited, paraphrase, neighbour = outcome.answers
+    assert "Paris" in edited.before and edited.after.startswith("Rome")
+    assert paraphrase.after.startswith("Rome")
+    assert neighbour.after == neighbour.before
+    assert [room.used for room in session.null_space_room()] == [1] * 5
+    session.reset()
