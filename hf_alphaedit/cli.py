@@ -34,6 +34,7 @@ from .checkpointing import (
     edit_sequentially,
     latest_checkpoint,
 )
+from .demo.session import DemoLimits
 from .fields import validate_fields
 from .hub import DEFAULT_MODEL
 from .methods import get_method_classes, list_methods
@@ -48,6 +49,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # What `info` downloads of a Hub repo: the descriptive files of every kind of folder we write.
 _INFO_FILES = [ARTIFACT_CONFIG, EDITING_CONFIG, EDIT_LOG, ADAPTER_CONFIG, RUN_FILE, CHECKPOINT_FILE]
 _EDIT_LOG_PREVIEW = 5
+# The statistics corpus `demo` uses by default when it exists: the WikiText-2 copy next to the checkout, offline.
+OFFLINE_STATISTICS_CORPUS = "../shared/data/wikitext-2/valid.txt"
 # Errors that mean "the input is wrong": reported as one line with exit status 2, no traceback.
 _INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
@@ -229,6 +232,31 @@ class InfoCommandArguments:
 
     def __post_init__(self) -> None:
         validate_fields(self)
+
+
+@dataclass
+class DemoCommandArguments:
+    """Where `demo` serves the Space, or where it publishes it."""
+
+    _argument_group_name = "demo"
+
+    host: str | None = _flag("Address to serve on. Default: $GRADIO_SERVER_NAME, else 127.0.0.1 (this machine only).",
+                             default=None)
+    port: int | None = _flag("Port to serve on. Default: $GRADIO_SERVER_PORT, else 7860.", default=None)
+    share: bool = _flag("Also open a public gradio.live link (needs internet).", default=False)
+    push_to_hub: str | None = _flag(
+        "Instead of serving: publish the Space folder (spaces/alphaedit-demo) to this Space repo ('me/alphaedit-demo'; "
+        "--hub_token, --hub_private_repo apply).", default=None)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        if self.push_to_hub is False:  # `push_to_hub: false` in a config file shared with `edit`: do not publish
+            self.push_to_hub = None
+        if self.push_to_hub is not None and (not isinstance(self.push_to_hub, str) or self.push_to_hub.count("/") != 1):
+            raise UsageError(f"--push_to_hub {self.push_to_hub!r}: give the Space repo id to publish to, e.g. "
+                             "me/alphaedit-demo.")
+        if self.port is not None and not 0 < self.port < 65536:
+            raise UsageError(f"--port {self.port}: give a TCP port between 1 and 65535.")
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -424,6 +452,27 @@ def _run_info(parsed: Parsed) -> None:
         _print_summary(f"{info_args.path}", list(description.items()))
 
 
+def _run_demo(parsed: Parsed) -> None:
+    demo_args: DemoCommandArguments = parsed[DemoCommandArguments]
+    args: EditingArguments = parsed[EditingArguments]
+    if demo_args.push_to_hub:
+        from .demo import SPACE_FOLDER, push_space
+
+        commit = push_space(demo_args.push_to_hub, private=args.hub_private_repo, token=args.hub_token)
+        _print_summary("demo", [("published", SPACE_FOLDER),
+                                ("to", _hub_location({"repo_id": demo_args.push_to_hub, "revision": commit.oid}))])
+        return
+    default_corpus = next(f.default for f in dataclasses.fields(EditingArguments) if f.name == "statistics_corpus")
+    if args.statistics_corpus == default_corpus and Path(OFFLINE_STATISTICS_CORPUS).is_file():
+        args.statistics_corpus = OFFLINE_STATISTICS_CORPUS
+        logger.info("key statistics from %s (pass --statistics_corpus to use another corpus)", args.statistics_corpus)
+    from .demo import EditingSession
+    from .demo.ui import serve
+
+    serve(EditingSession(_load_editor(parsed), parsed[DemoLimits]), host=demo_args.host, port=demo_args.port,
+          share=demo_args.share)
+
+
 def describe_folder(folder: Path) -> dict[str, Any]:
     """What a folder written by hf_alphaedit holds: `{"kind": ..., ...}` (kind "unknown folder" otherwise)."""
     if (folder / RUN_FILE).is_file():
@@ -494,6 +543,13 @@ COMMANDS: dict[str, Command] = {command.name: command for command in (
             "Apply --edits to their base model (--model_name_or_path, default: the base the edits name) and write "
             "them as an exact PEFT LoRA adapter or as delta files.",
             (CommonArguments, ModelArguments, ExportCommandArguments), _run_export),
+    Command("demo", "serve the AlphaEdit Space demo locally, or publish it as a Hub Space",
+            "Serve the Space (spaces/alphaedit-demo) on --model_name_or_path (default: the embedded SmolLM2, works "
+            f"offline) with key statistics from --statistics_corpus (default: {OFFLINE_STATISTICS_CORPUS} when it "
+            "exists, cached after the first run), or publish the Space folder with --push_to_hub SPACE_ID. The "
+            "editing flags and the selected --method's config fields apply to the demo's edits.",
+            (CommonArguments, ModelArguments, DemoCommandArguments, DemoLimits, EditingArguments), _run_demo,
+            takes_method_config=True),
     Command("info", "describe an edited model, export, projection artifact, run or checkpoint",
             "Say what a folder or Hub repo written by hf_alphaedit contains.", (CommonArguments, InfoCommandArguments),
             _run_info),

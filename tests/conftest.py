@@ -159,3 +159,12 @@ def smollm2_editor(smollm2, shared_data: Path, tmp_path_factory: pytest.TempPath
 
     yield build
     model.load_state_dict(original)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say why the browser tests were skipped, also under `-q` (where skip reasons are not listed)."""
+    skipped = [report for report in terminalreporter.stats.get("skipped", []) if "browser" in report.keywords]
+    if skipped:
+        from tests.space_browser import browser_unavailable
+
+        terminalreporter.write_line(f"{len(skipped)} browser test(s) skipped: {browser_unavailable()}")

@@ -191,12 +191,15 @@ def generate_texts(
     seed: int = 0,
     batch_size: int = 16,
     show_progress: bool | None = None,
+    max_seconds: float | None = None,
 ) -> list[str]:
     """Generate from each prompt until the sequence (prompt included) has `max_length` tokens (§10.3).
 
     `do_sample=True` samples from the top-`top_k` tokens as the reference does (seeded: the reference is not);
     `do_sample=False` is greedy. Returns the decoded texts, prompt included, special tokens removed and cleaned
     by `clean_generated_text`. Prompts are left-padded in batches of `batch_size`; a row stops early at EOS.
+    `max_seconds` stops each batch's generation after that long (transformers' `max_time`; its texts are then
+    shorter).
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
@@ -219,7 +222,8 @@ def generate_texts(
                 attention_mask[row, width - len(encoded[index]):] = 1
             shortest = min(len(encoded[i]) for i in batch)
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                    max_new_tokens=max_length - shortest, pad_token_id=pad_id, **sampling)
+                                    max_new_tokens=max_length - shortest, pad_token_id=pad_id,
+                                    max_time=max_seconds, **sampling)
             for row, index in enumerate(batch):
                 # Every row gets exactly max_length tokens in total, however long its prompt.
                 generated = output[row, width : width + max_length - len(encoded[index])].tolist()
@@ -228,12 +232,14 @@ def generate_texts(
     return texts
 
 
-def greedy_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], new_tokens: int = 8) -> list[str]:
-    """The first line of the model's greedy continuation (at most `new_tokens` tokens) of each prompt."""
+def greedy_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], new_tokens: int = 8,
+                   max_seconds: float | None = None) -> list[str]:
+    """The first line of the model's greedy continuation (at most `new_tokens` tokens, generated for at most
+    `max_seconds`) of each prompt."""
     if not prompts:
         return []
     longest = max(len(encode_prompt(tokenizer, prompt)) for prompt in prompts)
     texts = generate_texts(model, tokenizer, prompts, max_length=longest + new_tokens, do_sample=False,
-                           show_progress=False)
+                           show_progress=False, max_seconds=max_seconds)
     return [text[len(prompt):].strip().split("\n")[0] if text.startswith(prompt) else text
             for prompt, text in zip(prompts, texts, strict=True)]
