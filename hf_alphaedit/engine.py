@@ -279,11 +279,12 @@ class EditEngine:
             self.rebuild_method_state()
 
     def follow_model(self) -> None:
-        """After the model moved (`to`, `cuda`, ...): masters follow their weights' device, and the method, whose
-        constants live on the old device, is dropped to be rebuilt (its sequential state from the batches)."""
+        """After the model moved (`to`, `cuda`, ...): masters follow their weights' device, the method, whose
+        constants live on the old device, is dropped to be rebuilt (its sequential state from the batches), and the
+        forward mode is probed again (a shortcut exact in one dtype or on one device need not be in another)."""
         for module, master in self._masters.items():
             self._masters[module] = master.to(self.model.get_submodule(module).weight.device)
-        self.method, self.restraint = None, None
+        self.method, self.restraint, self.forward_mode = None, None, None
 
     def edited_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """`({module: stored weight}, {module: float32 master})` of every edited matrix, on the CPU."""
