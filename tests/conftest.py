@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # imported lazily below: the environment must be set before a
 # Set before any Hugging Face library is imported: several of these are read only at import time
 # (HUB_INTEGRATION.md §0 and §1.4), and the endpoint is copied into constants by every library.
 _HUB = HubServer().start()
+_ALL_THREADS = os.cpu_count() or 1
 _HF_HOME = tempfile.mkdtemp(prefix="hf_alphaedit_tests_hf_home_")
 atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 atexit.register(_HUB.shutdown)
@@ -39,6 +40,16 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_UPDATE_DOWNLOAD_COUNTS"] = "false"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads(request: pytest.FixtureRequest) -> None:
+    """Tiny models on one thread, the real model (``slow``) on every core: the tiny models' matrices are so small that
+    a second OpenMP thread only adds synchronisation, which on a 2-core machine with anything else running made their
+    forward passes 10x slower (20 s instead of 1.4 s for the context templates of one editor)."""
+    import torch
+
+    torch.set_num_threads(_ALL_THREADS if request.node.get_closest_marker("slow") else 1)
 
 
 @pytest.fixture(scope="session")
