@@ -227,6 +227,21 @@ class ModelSpec:
         """The edited projection (``nn.Linear`` or ``Conv1D``) of ``layer``."""
         return model.get_submodule(self.rewrite_module_name(layer))
 
+    def mlp_matrices(self, model: nn.Module, layer: int) -> list[str]:
+        """Dotted paths of every weight matrix of the MLP of ``layer``, in module order: the ``nn.Linear`` /
+        ``Conv1D`` children of the module holding the rewrite module (gate/up/down for Llama, ``c_fc``/``c_proj``
+        for GPT-2, ``fc1``/``fc2`` for OPT, whose MLP matrices sit in the block itself)."""
+        parent = self.rewrite_module_name(layer).rpartition(".")[0]
+        return [f"{parent}.{name}" for name, child in model.get_submodule(parent).named_children()
+                if _is_projection(child)]
+
+    def layer_of(self, module: str) -> int:
+        """Index of the block that holds the module at the dotted path ``module``."""
+        for layer in range(self.num_layers):
+            if module.startswith(self.block_name(layer) + "."):
+                return layer
+        raise ValueError(f"module {module!r} is not inside any block {self.layer_module_tmp!r}")
+
     def final_norm_module(self, model: nn.Module) -> nn.Module | None:
         """The norm applied to the last block's output, or None when the model has none."""
         return None if self.final_norm is None else model.get_submodule(self.final_norm)

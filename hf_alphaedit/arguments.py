@@ -47,7 +47,7 @@ SIDE_EFFECT_FIELDS = ("output_dir", "save_steps", "resume_from_checkpoint", "ove
                       "hub_token", "disable_tqdm")
 # Settings that name where data comes from: taken from published edits only when they name a Hub repo or data set
 # (or a keyword), never a path on the loader's machine.
-SOURCE_FIELDS = ("statistics_corpus", "projection")
+SOURCE_FIELDS = ("statistics_corpus", "projection", "mend_editor")
 _SOURCE_KEYWORDS = {"projection": ("auto", "compute")}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(:[\w.-]+)?")
 
@@ -122,6 +122,10 @@ class EditingArguments:
         "<your namespace>/<model name>-key-statistics).", default=False)
     projection_hub_repo_id: str | None = setting("Hub repo the computed projection artifact is pushed to.",
                                                default=None)
+    mend_editor: str | None = setting(
+        "MEND (method='mend'): the trained editor, a Hub repo id or a local folder written by "
+        "MendEditor.save_pretrained / `hf-alphaedit train-mend` (checked against the model when loaded).",
+        default=None)
     hub_private_repo: bool | None = setting("Create pushed repos as private.", default=None)
     hub_token: str | None = setting("Hub token for pushes and private artifacts (default: the logged-in token).",
                                   default=None)

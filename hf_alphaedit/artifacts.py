@@ -138,7 +138,7 @@ def _write_tensors(root: Path, relative: str, tensors: Mapping[str, torch.Tensor
     path = root / relative
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-    return {"sha256": _sha256(path), "size": path.stat().st_size}
+    return {"sha256": file_sha256(path), "size": path.stat().st_size}
 
 
 def render_artifact_card(config: Mapping[str, Any]) -> str:
@@ -213,7 +213,7 @@ def read_artifact_tensors(directory: str | os.PathLike, relative: str,
     if not path.is_file():
         raise ArtifactError(f"{relative} is missing from the artifact in {directory}.")
     size = path.stat().st_size
-    if size != expected["size"] or _sha256(path) != expected["sha256"]:
+    if size != expected["size"] or file_sha256(path) != expected["sha256"]:
         raise CorruptArtifactError(f"{relative} is corrupt or truncated ({size} bytes, expected {expected['size']} "
                                    f"with SHA-256 {str(expected['sha256'])[:12]}…); re-download or re-create the "
                                    "artifact.")
@@ -286,7 +286,8 @@ def check_artifact(config: Mapping[str, Any], spec: ModelSpec, source: ModelSour
         warnings.warn(message, stacklevel=3)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

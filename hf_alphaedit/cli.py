@@ -38,6 +38,8 @@ from .demo.session import DemoLimits
 from .fields import validate_fields
 from .hub import DEFAULT_MODEL
 from .methods import get_method_classes, list_methods
+from .methods.mend.artifact import EDITOR_CONFIG
+from .methods.mend.training import MendTrainingArguments, train_mend
 from .publishing import ADAPTER_CONFIG, EDIT_LOG, EDITING_CONFIG
 from .requests import as_edit_requests, load_records
 
@@ -47,7 +49,7 @@ PROG = "hf-alphaedit"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # What `info` downloads of a Hub repo: the descriptive files of every kind of folder we write.
-_INFO_FILES = [ARTIFACT_CONFIG, EDITING_CONFIG, EDIT_LOG, ADAPTER_CONFIG, RUN_FILE, CHECKPOINT_FILE]
+_INFO_FILES = [ARTIFACT_CONFIG, EDITOR_CONFIG, EDITING_CONFIG, EDIT_LOG, ADAPTER_CONFIG, RUN_FILE, CHECKPOINT_FILE]
 _EDIT_LOG_PREVIEW = 5
 # The statistics corpus `demo` uses by default when it exists: the WikiText-2 copy next to the checkout, offline.
 OFFLINE_STATISTICS_CORPUS = "../shared/data/wikitext-2/valid.txt"
@@ -67,19 +69,28 @@ def _flag(help_text: str, **kwargs: Any) -> Any:
 
 
 @dataclass
-class CommonArguments:
-    """Flags of every subcommand."""
+class ConfigArguments:
+    """Flags of every subcommand (`train-mend` takes its log level from `TrainingArguments.log_level`)."""
 
     _argument_group_name = "common"
 
     config: str | None = _flag("YAML or JSON file of flag values (keys are the flag names without '--'); flags "
                                "given on the command line override it.", default=None)
     quiet: bool = _flag("No progress bars and only warnings; the final summary is still printed.", default=False)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+@dataclass
+class CommonArguments(ConfigArguments):
+    """Flags of every subcommand but `train-mend`."""
+
     log_level: Literal["debug", "info", "warning", "error"] = _flag("Logging level of hf_alphaedit.",
                                                                     default="info")
 
     def __post_init__(self) -> None:
-        validate_fields(self)
+        super().__post_init__()
         _check_choice("log_level", self.log_level, LOG_LEVELS)
 
 
@@ -473,6 +484,24 @@ def _run_demo(parsed: Parsed) -> None:
           share=demo_args.share)
 
 
+def _run_train_mend(parsed: Parsed) -> None:
+    args: MendTrainingArguments = parsed[MendTrainingArguments]
+    if parsed[ConfigArguments].quiet:
+        args.disable_tqdm = True
+    result = train_mend(args)
+    config = result.editor.config
+    _print_summary("train-mend", [
+        ("base model", f"{config.base_model or 'a local model'} ({config.base_model_origin})"),
+        ("inner parameters", f"{len(config.inner_params)} matrices in blocks {config.layers}"),
+        ("training", f"{result.steps} steps in {result.seconds:.0f} s "
+                     f"({config.training['train_records']} records, {args.edits_per_batch} edits per batch)"),
+        *((name, f"{value:.4f}") for name, value in result.metrics.items()),
+        ("editor", result.editor_dir),
+        ("pushed to", _hub_location({"repo_id": args.editor_repo_id, "revision": result.pushed_revision}
+                                    if result.pushed_revision else None)),
+    ])
+
+
 def describe_folder(folder: Path) -> dict[str, Any]:
     """What a folder written by hf_alphaedit holds: `{"kind": ..., ...}` (kind "unknown folder" otherwise)."""
     if (folder / RUN_FILE).is_file():
@@ -498,6 +527,14 @@ def describe_folder(folder: Path) -> dict[str, Any]:
                 "projector": (f"threshold {projector['threshold']:g} ({projector['threshold_mode']}), null-space "
                               f"dimensions {projector['null_space_dims']}") if projector else "none (statistics only)",
                 "created": config.get("created_at"), "hf_alphaedit": config.get("package_version")}
+    if (folder / EDITOR_CONFIG).is_file():
+        config = _read_json(folder / EDITOR_CONFIG)
+        training = config.get("training") or {}
+        return {"kind": "MEND editor", "base model": config.get("base_model") or "a local model",
+                "revision": config.get("base_model_revision"), "model type": config.get("model_type"),
+                "inner parameters": [param["name"] for param in config["inner_params"]], "rank": config.get("rank"),
+                "training steps": training.get("steps"), "metrics": training.get("metrics") or None,
+                "hf_alphaedit": config.get("hf_alphaedit_version")}
     if (folder / EDITING_CONFIG).is_file():
         config = _read_json(folder / EDITING_CONFIG)
         kind = "edited model" if config["format"] == "checkpoint" else f"edits ({config['format']})"
@@ -516,7 +553,8 @@ def describe_folder(folder: Path) -> dict[str, Any]:
                 "first edits": "; ".join(preview) + (" ..." if len(edits) > len(preview) else "") or None,
                 "hf_alphaedit": config.get("hf_alphaedit_version")}
     return {"kind": "unknown folder", "note": f"{folder} holds none of {RUN_FILE}, {CHECKPOINT_FILE}, "
-                                              f"{ARTIFACT_CONFIG}, {EDITING_CONFIG}: not written by hf_alphaedit"}
+                                              f"{ARTIFACT_CONFIG}, {EDITOR_CONFIG}, {EDITING_CONFIG}: not written by "
+                                              "hf_alphaedit"}
 
 
 COMMANDS: dict[str, Command] = {command.name: command for command in (
@@ -550,9 +588,15 @@ COMMANDS: dict[str, Command] = {command.name: command for command in (
             "editing flags and the selected --method's config fields apply to the demo's edits.",
             (CommonArguments, ModelArguments, DemoCommandArguments, DemoLimits, EditingArguments), _run_demo,
             takes_method_config=True),
-    Command("info", "describe an edited model, export, projection artifact, run or checkpoint",
+    Command("info", "describe an edited model, export, projection artifact, MEND editor, run or checkpoint",
             "Say what a folder or Hub repo written by hf_alphaedit contains.", (CommonArguments, InfoCommandArguments),
             _run_info),
+    Command("train-mend", "train a MEND editor for a base model (transformers.Trainer); save and/or push it",
+            "Train a MEND editor on flat CounterFact / MEND-format ZsRE training files with MendTrainer "
+            "(transformers.Trainer): every TrainingArguments flag works (eval/save strategies, "
+            "resume_from_checkpoint, ...) plus MEND's own (see --help). The editor is saved to --editor_dir "
+            "(default <output_dir>/editor) and pushed with --push_editor_to_hub --editor_repo_id.",
+            (ConfigArguments, MendTrainingArguments), _run_train_mend),
 )}
 
 
@@ -764,9 +808,11 @@ def _print_summary(title: str, rows: Sequence[tuple[str, Any]]) -> None:
 _SELF_PRINTING_LIBRARIES = ("huggingface_hub", "datasets", "transformers")
 
 
-def configure_logging(common: CommonArguments) -> None:
-    """One handler for the command's own messages; the libraries keep theirs, and every message prints once."""
-    level = logging.WARNING if common.quiet else getattr(logging, common.log_level.upper())
+def configure_logging(common: ConfigArguments) -> None:
+    """One handler for the command's own messages; the libraries keep theirs, and every message prints once.
+    hf_alphaedit logs at `common.log_level` (`info` for `train-mend`, whose own flag is Trainer's)."""
+    log_level = common.log_level if isinstance(common, CommonArguments) else "info"
+    level = logging.WARNING if common.quiet else getattr(logging, log_level.upper())
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("hf_alphaedit").setLevel(level)
     for name in _SELF_PRINTING_LIBRARIES:
@@ -809,7 +855,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         parsed = parse_command(command, argv[1:])
-        configure_logging(parsed[CommonArguments])
+        configure_logging(parsed.get(CommonArguments) or parsed[ConfigArguments])
         command.run(parsed)
     except _INPUT_ERRORS as error:
         logger.debug("input error", exc_info=True)

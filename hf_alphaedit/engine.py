@@ -75,6 +75,9 @@ class Restraint(Protocol):
     def restrain(self, history: Sequence[LayerUpdate], updates: Sequence[LayerUpdate]) -> list[LayerUpdate]:
         """After a batch: restrain the accumulated update and return the batch's factors to record."""
 
+    def add_modules(self, original_weights: Mapping[str, torch.Tensor]) -> None:
+        """Also restrain these matrices (`{module: original weight [d_out, d_in]}`)."""
+
 
 class EditEngine:
     """Owns the edited weights of `model` and the edit state `state` (see the module docstring).
@@ -295,7 +298,10 @@ class EditEngine:
 
     def set_method(self, method: Any, restraint: Restraint | None = None) -> None:
         """Adopt a freshly built method (its sequential state describes the base model) and bring its state up to
-        the applied batches."""
+        the applied batches; the restraint also covers the matrices the method names in `edited_modules`."""
+        if restraint is not None:
+            restraint.add_modules({module: self.original_weight(module)
+                                   for module in getattr(method, "edited_modules", ())})
         self.method, self.restraint = method, restraint
         self._initial_method_state = copy_method_state(method)
         self.rebuild_method_state()

@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from transformers import Cache
 
 from .architectures import ModelSpec, block_output_hidden
@@ -109,20 +110,24 @@ class BlockRunner:
                 handle.remove()
         return hidden_inputs
 
-    def run(self, hidden: torch.Tensor, start: int, stop: int, cache: Cache | None = None) -> torch.Tensor:
+    def run(self, hidden: torch.Tensor, start: int, stop: int, cache: Cache | None = None,
+            parameters: Mapping[int, Mapping[str, torch.Tensor]] | None = None) -> torch.Tensor:
         """Output `[batch, seq, d]` of block `stop-1` given the input `hidden` of block `start`.
 
         `cache` replaces the KV cache recorded in each block's call, whatever the argument is called
         (`cache`, `past_key_values`, `layer_past`) and whether it was passed by keyword or position.
+        `parameters[index]` (names relative to the block, e.g. `mlp.down_proj.weight`) replace block `index`'s own
+        tensors for this call (`torch.func.functional_call`: the module is not changed, gradients flow into them).
         """
         for index in range(start, stop):
             positional, args, kwargs = self._calls[index]
             if cache is not None:
                 args = tuple(cache if isinstance(a, Cache) else a for a in args)
                 kwargs = {k: cache if isinstance(v, Cache) else v for k, v in kwargs.items()}
-            if positional:
-                output = self.blocks[index](hidden, *args, **kwargs)
-            else:
-                output = self.blocks[index](*args, hidden_states=hidden, **kwargs)
+            call_args, call_kwargs = ((hidden, *args), kwargs) if positional else (args, {**kwargs, "hidden_states": hidden})
+            replaced = (parameters or {}).get(index)
+            block = self.blocks[index]
+            output = functional_call(block, dict(replaced), call_args, call_kwargs) if replaced else block(
+                *call_args, **call_kwargs)
             hidden = block_output_hidden(output)
         return hidden

@@ -72,6 +72,7 @@ class ResolvedHyperparameters:
     context_template_length: int
     context_template_count: int
     use_projection: bool = False  # True: updates are (or are made) null-space projected
+    mend_editor: str | None = None  # where MEND's trained editor comes from (EditingArguments.mend_editor)
 
     @property
     def z_layer(self) -> int:
@@ -133,4 +134,5 @@ def resolve_hyperparameters(args: Any, spec: ModelSpec, method_cls: type,
         context_template_length=args.context_template_length,
         context_template_count=args.context_template_count,
         use_projection=getattr(method_cls, "projection", "optional") == "inherent" or bool(args.use_projection),
+        mend_editor=args.mend_editor,
     )

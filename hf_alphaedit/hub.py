@@ -379,6 +379,15 @@ def _atomic_directory(target: Path, *, marker: str) -> Iterator[Path]:
 
 # -- artifact repositories (key statistics and projectors, edited checkpoints, edit adapters) ---------------------
 
+LOCAL_PREFIX = "<local>/"
+
+
+def public_path(value: str) -> str:
+    """What may be published of a data source or artifact location: a local path reduced to `<local>/<name>`
+    (never a path of this machine), Hub names unchanged."""
+    local = os.path.isabs(value) or Path(value).expanduser().exists()
+    return LOCAL_PREFIX + Path(value).name if local else value
+
 
 def download_snapshot(repo_id: str, *, revision: str | None = None, token: str | bool | None = None,
                       allow_patterns: list[str] | None = None) -> tuple[Path, str]:

@@ -283,7 +283,7 @@ class AlphaEditModel(nn.Module):
             context_templates=self.state.context_templates, statistics=self.key_statistics,
             projector=self.null_space_projector, apply=self.engine.apply,
             forward_mode=self.engine.forward_mode or "full", target_batch_tokens=self.editing_args.target_batch_tokens,
-            show_progress=not self.editing_args.disable_tqdm)
+            show_progress=not self.editing_args.disable_tqdm, hub_token=self.editing_args.hub_token)
         _, method_cls = get_method_classes(self.editing_args.method)
         if self.hparams.use_projection and getattr(method_cls, "projection", "optional") == "optional":
             layers = self.hparams.layers
@@ -292,8 +292,7 @@ class AlphaEditModel(nn.Module):
 
     def _prune_restraint(self) -> PruneRestraint:
         """PRUNE on the edited layers' matrices, built where the weights are the original ones (see `method`)."""
-        args = self.editing_args
-        modules = [self.spec.rewrite_module_name(layer) for layer in self.hparams.layers]
+        args, modules = self.editing_args, [self.spec.rewrite_module_name(layer) for layer in self.hparams.layers]
         return PruneRestraint({module: self.engine.original_weight(module) for module in modules},
                               self.engine.add_delta, self.engine.module_name, args.prune_alpha,
                               args.prune_restrain_at, args.prune_clip)

@@ -43,8 +43,10 @@ from .hub import (
     EMBEDDED_GGUF_FILE,
     EMBEDDED_ORIGIN,
     EMBEDDED_PACKAGE,
+    LOCAL_PREFIX,
     ModelSource,
     download_snapshot,
+    public_path,
     upload_folder_replacing,
 )
 from .registry import get_method_classes
@@ -77,7 +79,6 @@ LEGACY_FILE_PATTERNS = [
 CARD_LOG_ROWS = 50
 # SmolLM2's license; the embedded GGUF copy has no model card to read it from.
 _EMBEDDED_BASE_LICENSE = "apache-2.0"
-_LOCAL_PREFIX = "<local>/"
 # Weight files that would shadow or mix with the weights a push writes (HUB_INTEGRATION.md §1.5).
 _WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth",
                     "*.gguf", "*.msgpack", "*.h5")
@@ -122,12 +123,6 @@ def public_base_model(source: ModelSource) -> str | None:
     return None if source.origin == "local" else source.name_or_path
 
 
-def _public_path(value: str) -> str:
-    """A local path reduced to `<local>/<name>`; Hub names unchanged."""
-    local = os.path.isabs(value) or Path(value).expanduser().exists()
-    return _LOCAL_PREFIX + Path(value).name if local else value
-
-
 def _public_editing_args(args: EditingArguments) -> dict[str, Any]:
     """The run's settings as published: tokens masked, settings that act on the publisher's machine at their
     defaults, local paths reduced to their last component."""
@@ -136,7 +131,8 @@ def _public_editing_args(args: EditingArguments) -> dict[str, Any]:
     for name in SIDE_EFFECT_FIELDS:
         values[name] = defaults[name]
     for name in SOURCE_FIELDS:
-        values[name] = _public_path(values[name])
+        if values[name] is not None:
+            values[name] = public_path(values[name])
     return values
 
 
@@ -182,7 +178,8 @@ def editing_config(model: AlphaEditModel, file_format: str) -> dict[str, Any]:
         "method": model.state.method,
         "editing_args": _public_editing_args(model.editing_args),
         "method_config": _method_config_dict(model.method_config),
-        "hyperparameters": model.hparams.to_dict(),
+        "hyperparameters": {name: public_path(value) if name in SOURCE_FIELDS and value else value
+                            for name, value in model.hparams.to_dict().items()},
         "base_model": {"name_or_path": public_base_model(source), "revision": source.revision,
                        "commit_sha": source.commit_sha, "origin": source.origin},
         "architecture": _architecture(model),
@@ -294,7 +291,7 @@ def render_card(model: AlphaEditModel, kind: Literal["checkpoint", "lora", "delt
     if base_model:
         tags.append(f"base_model:{relation}:{base_model}")
     projection = projection_provenance(model)
-    corpus = _public_path(model.editing_args.statistics_corpus)
+    corpus = public_path(model.editing_args.statistics_corpus)
     evaluation = _evaluation(model)
     provenance = {
         "version": __version__, "method": _METHOD_TITLES.get(method, method), "format": kind,
@@ -308,7 +305,7 @@ def render_card(model: AlphaEditModel, kind: Literal["checkpoint", "lora", "delt
         base_model=base_model, base_model_relation=relation if base_model else None,
         library_name={"checkpoint": "transformers", "lora": "peft", "delta": "hf_alphaedit"}[kind],
         license=_base_license(source), pipeline_tag="text-generation", tags=tags,
-        datasets=[corpus.split(":")[0]] if "/" in corpus and not corpus.startswith(_LOCAL_PREFIX) else None,
+        datasets=[corpus.split(":")[0]] if "/" in corpus and not corpus.startswith(LOCAL_PREFIX) else None,
         model_name=model_name, eval_results=_eval_results(evaluation),
         hf_alphaedit={k: v for k, v in provenance.items() if v is not None})
     rows = [line for line in edit_log(model) if line["event"] == "edit"]

@@ -2,14 +2,16 @@
 
     python scripts/benchmark_sequential.py [--quick] [--num_edits 1000] [--batch_size 100]
         [--methods alphaedit,memit | all] [--eval_every 0] [--general_examples 100] [--output_dir DIR]
-        [--figures_dir docs/benchmarks]
+        [--figures_dir docs/benchmarks] [--mend_editor DIR_OR_REPO] [--single_edits 100]
     python scripts/benchmark_sequential.py --scorer_speedup [--speedup_records 200] [--full_evaluation]
 
 A method is a registered name with optional `+projection` (AlphaEdit's null-space projection of every update,
 `use_projection=True`), `+prune` (the PRUNE restraint, `prune=True`) and, for FT, `+unconstrained` (no L∞ box, so
 FT's default layer is `round(0.66·N)`, as the reference's Llama-3-8B file): `memit+projection`, `alphaedit+prune`.
 `--methods all` compares alphaedit, memit, memit+projection, memit+prune, alphaedit+prune, rome, ft+unconstrained
-and nse (and any other registered method).
+and nse (and any other registered method; `mend` only with `--mend_editor`). `mend` needs a trained editor
+(`--mend_editor`, e.g. the folder `hf-alphaedit train-mend` wrote); `mend+projection` and `mend+prune` are its
+boosted variants.
 
 Editing: the first `num_edits` CounterFact records, in consecutive batches of `batch_size`, applied sequentially to
 one model per method, with key statistics from WikiText-2. After all batches (and every `eval_every` batches) the
@@ -18,6 +20,10 @@ suite (§10.7) runs on the unedited model and after the last batch. Writes into 
 `base/edits_0000.json`, `<method>/edits_NNNN.json` (one atomic file per checkpoint; existing ones are skipped on a
 rerun, and `<method>/resume/` holds the edited weights after the last finished batch, so a run continues there),
 `results.json`, `results.md` and `metrics_vs_edits.png`, `comparison.png`, `general.png`.
+
+`--single_edits N` also edits each of the first N records alone into the unedited model (edit, evaluate that
+record, revert), per method, so the collapse of sequential editing shows against what one edit achieves; written to
+`<method>/single_edits_NNNN.json` and as a second table in `results.md`.
 
 `--scorer_speedup` instead times the batched scorer against the reference's one-forward-per-record loop on the
 same records and writes `scorer_speedup.json`.
@@ -44,6 +50,7 @@ from hf_alphaedit.evaluation import evaluate_edits, evaluate_general, load_edit_
 from hf_alphaedit.evaluation.scorer import encode_prompt, encode_target, inference
 from hf_alphaedit.forward import right_pad
 from hf_alphaedit.methods import MethodConfig, get_method_classes
+from hf_alphaedit.metrics.summaries import harmonic_mean
 from hf_alphaedit.requests import as_edit_requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,14 +64,20 @@ VARIANT_OPTIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "unconstrained": ({}, {"norm_constraint": None})}
 
 
-def variant_arguments(name: str) -> tuple[dict[str, Any], MethodConfig | None]:
-    """EditingArguments fields and method config of a method name with `+option` suffixes, e.g. 'memit+prune'."""
+def variant_arguments(name: str, mend_editor: str | None = None) -> tuple[dict[str, Any], MethodConfig | None]:
+    """EditingArguments fields and method config of a method name with `+option` suffixes, e.g. 'memit+prune'
+    (`mend_editor`: the trained editor the MEND variants use)."""
     method, *options = name.split("+")
     unknown = [option for option in options if option not in VARIANT_OPTIONS]
     if unknown:
         raise SystemExit(f"--methods: {name!r} has unknown option(s) {unknown}; options are "
                          f"{['+' + option for option in VARIANT_OPTIONS]}.")
     fields: dict[str, Any] = {"method": method}
+    if method == "mend":
+        if not mend_editor:
+            raise SystemExit(f"--methods: {name!r} needs --mend_editor (a trained editor: the folder "
+                             "`hf-alphaedit train-mend` wrote, or a Hub repo).")
+        fields["mend_editor"] = mend_editor
     config_fields: dict[str, Any] = {}
     for option in options:
         fields.update(VARIANT_OPTIONS[option][0])
@@ -98,6 +111,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="Default outputs/benchmark_sequential (outputs/benchmark_sequential_quick with --quick).")
     parser.add_argument("--figures_dir", default=None,
                         help="Also copy results.md and the plots here (e.g. docs/benchmarks, where the README's are).")
+    parser.add_argument("--mend_editor", default=None,
+                        help="The trained MEND editor of the mend variants (folder or Hub repo).")
+    parser.add_argument("--single_edits", type=int, default=0,
+                        help="Also edit each of the first N records alone (and revert), per method.")
     parser.add_argument("--scorer_speedup", action="store_true", help="Time the batched scorer instead.")
     parser.add_argument("--speedup_records", type=int, default=200)
     parser.add_argument("--full_evaluation", action="store_true",
@@ -108,11 +125,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.output_dir = Path(args.output_dir or ROOT / "outputs" / f"benchmark_sequential{suffix}")
     if args.methods == "all":
         compared = {name.split("+")[0] for name in COMPARISON}
-        args.methods = [*COMPARISON, *(m for m in list_methods() if m not in compared)]
+        args.methods = [*COMPARISON, *(m for m in list_methods() if m not in compared
+                                       and (m != "mend" or args.mend_editor))]
     else:
         args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in args.methods:
-        variant_arguments(name)
+        variant_arguments(name, args.mend_editor)
     return args
 
 
@@ -164,11 +182,7 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
     if final.exists():
         print(f"[{method}] done already ({final})")
         return
-    fields, method_config = variant_arguments(method)
-    editing_args = EditingArguments(**fields, statistics_corpus=args.statistics_corpus,
-                                    statistics_samples=args.statistics_samples, batch_size=args.batch_size,
-                                    disable_tqdm=True)
-    model = AlphaEditModel.from_pretrained(editing_args=editing_args, method_config=method_config)
+    model = load_method(method, args, args.batch_size)
     resume = args.output_dir / method / "resume"
     done_batches = 0
     if load_resume(model, resume):
@@ -190,6 +204,39 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
                 f"{m} {result_dict['edit_metrics'][m]:.1f}" for m in EDIT_METRICS), flush=True)
         if batch != num_batches:
             save_resume(model, resume)
+
+
+def load_method(method: str, args: argparse.Namespace, batch_size: int) -> AlphaEditModel:
+    """The embedded SmolLM2, set up to edit with `method` (a name with `+option` suffixes)."""
+    fields, method_config = variant_arguments(method, args.mend_editor)
+    editing_args = EditingArguments(**fields, statistics_corpus=args.statistics_corpus,
+                                    statistics_samples=args.statistics_samples, batch_size=batch_size,
+                                    disable_tqdm=True)
+    return AlphaEditModel.from_pretrained(editing_args=editing_args, method_config=method_config)
+
+
+def run_single_edits(method: str, records: list[dict], args: argparse.Namespace) -> None:
+    """Edit each record alone into the unedited model, evaluate it, revert; the means over records."""
+    path = args.output_dir / method / f"single_edits_{len(records):04d}.json"
+    if path.exists():
+        print(f"[{method}] single edits done already ({path})")
+        return
+    model = load_method(method, args, batch_size=1)
+    scores: list[dict[str, float]] = []
+    edit_seconds = 0.0
+    for index, record in enumerate(records):
+        edit_seconds += model.edit([record]).seconds
+        metrics = evaluate_edits(model.model, model.tokenizer, [record])
+        scores.append({name: metrics[name] for name in EDIT_METRICS})
+        model.revert()
+        if (index + 1) % 20 == 0:
+            print(f"[{method}] single edits: {index + 1}/{len(records)}", flush=True)
+    means = {name: sum(score[name] for score in scores) / len(scores) for name in EDIT_METRICS}
+    means["score"] = harmonic_mean(list(means.values()))
+    write_json(path, {"method": method, "num_records": len(records), "edit_seconds": edit_seconds,
+                      "mean": means, "records": scores})
+    print(f"[{method}] {len(records)} single edits: " + ", ".join(f"{m} {means[m]:.1f}" for m in EDIT_METRICS),
+          flush=True)
 
 
 def collect(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
@@ -222,6 +269,16 @@ def markdown_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespa
         finals = [r for r in runs[method] if r["num_edits"] == args.num_edits]
         if finals:
             lines.append(row(method, finals[0]))
+    singles = [(method, json.loads(path.read_text())) for method in args.methods
+               for path in sorted((args.output_dir / method).glob("single_edits_*.json"))]
+    if singles:
+        lines += ["", "Single edits (each record edited alone into the unedited model, evaluated, reverted; percent):",
+                  "", "| method | records | efficacy | generalization | specificity | score | time per edit |",
+                  "|---|---|---|---|---|---|---|"]
+        for method, single in singles:
+            mean = single["mean"]
+            lines.append(f"| {method} | {single['num_records']} | " + " | ".join(f"{mean[m]:.1f}" for m in EDIT_METRICS)
+                         + f" | {mean['score']:.1f} | {single['edit_seconds'] / single['num_records']:.2f} s |")
     if base and "general" in base:
         tasks = [t for t in base["general"] if t != "average"]
         lines += ["", "General capability (weighted F1 of the log-likelihood answers, "
@@ -356,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         del model
     for method in args.methods:
         run_method(method, records, args)
+        if args.single_edits:
+            run_single_edits(method, records[:args.single_edits], args)
     runs = collect(args)
     write_json(args.output_dir / "results.json", {"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs})
     table = markdown_table(runs, args)

@@ -11,7 +11,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from hf_alphaedit import AlphaEditModel, EditingArguments, list_methods
+from hf_alphaedit import AlphaEditModel, EditingArguments, MendEditor, list_methods
+from hf_alphaedit.architectures import resolve_model_spec
 from hf_alphaedit.checkpointing import load_checkpoint, restore_checkpoint, save_checkpoint
 from hf_alphaedit.engine import copy_method_state
 from hf_alphaedit.methods import get_method_classes
@@ -30,7 +31,20 @@ PROBE = "The Eiffel Tower is located in the city of Rome. Miles Davis plays the 
 def _args(method: str, corpus_file: Path) -> EditingArguments:
     return EditingArguments(method=method, statistics_corpus=str(corpus_file), statistics_samples=60,
                             statistics_cache_dir=str(corpus_file.parent / "stats"), disable_tqdm=True, v_num_grad_steps=6,
-                            v_lr=0.5, projection="compute")
+                            v_lr=0.5, projection="compute", **_method_settings(method, corpus_file.parent))
+
+
+def _method_settings(method: str, folder: Path) -> dict[str, str]:
+    """What a method needs besides the common settings: MEND a trained editor for the tiny model (here an
+    untrained one without input normalisation, which is one step of gradient descent)."""
+    if method != "mend":
+        return {}
+    editor = folder / "mend-editor"
+    if not editor.is_dir():
+        model = tiny_causal_lm_with_large_activations()
+        MendEditor.for_model(model, resolve_model_spec(model), normalize=False, rank=4,
+                             initial_step_size=0.01).save_pretrained(editor)
+    return {"mend_editor": str(editor)}
 
 
 def _editor(method: str, corpus_file: Path) -> AlphaEditModel:

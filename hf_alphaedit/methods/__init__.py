@@ -15,11 +15,12 @@ from .base import (
 from .ft import FineTune, FTConfig  # registers "ft"
 from .locate_then_edit import LocateThenEditMethod
 from .memit import Memit, MemitConfig  # registers "memit"
+from .mend import Mend, MendConfig, MendEditor  # registers "mend"
 from .nse import NSE, NSEConfig  # registers "nse"
 from .prune import PruneRestraint
 from .rome import Rome, RomeConfig  # registers "rome"
 
 __all__ = ["NSE", "AlphaEdit", "AlphaEditConfig", "BatchUpdate", "EditContext", "EditMethod", "FTConfig", "FineTune",
-           "LayerUpdate", "LocateThenEditMethod", "Memit", "MemitConfig", "MethodConfig", "NSEConfig",
-           "NullSpaceBooster", "PruneRestraint", "Rome", "RomeConfig", "get_method_classes", "list_methods",
+           "LayerUpdate", "LocateThenEditMethod", "Memit", "MemitConfig", "Mend", "MendConfig", "MendEditor",
+           "MethodConfig", "NSEConfig", "NullSpaceBooster", "PruneRestraint", "Rome", "RomeConfig", "get_method_classes", "list_methods",
            "projection_support", "register_method"]

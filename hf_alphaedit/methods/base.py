@@ -54,6 +54,7 @@ class EditContext:
     # Optional constraint on every update before it is applied (e.g. the null-space projection of a method
     # that does not solve in the null space itself); returns the update as it will be applied.
     constrain_update: Callable[[LayerUpdate], LayerUpdate] | None = None
+    hub_token: str | None = None  # for a method that fetches a trained artifact (MEND's editor) from the Hub
 
     def apply_update(self, update: LayerUpdate) -> LayerUpdate:
         """Constrain (if configured) and apply `update`; returns the update as applied."""
@@ -75,6 +76,10 @@ class EditMethod(Protocol):
     `commit` changes; the engine copies exactly those around each batch, so a failed batch leaves no trace, and
     restores them to rebuild the state after an undo. Undeclared, every dict-of-tensors attribute is copied
     (safe, but constants such as `λC₀` then cost a copy per batch).
+
+    Optional attribute `edited_modules` (dotted module paths) names the matrices besides the rewrite modules of
+    `hparams.layers` that the method's updates change (`LayerUpdate.module`, e.g. MEND's gate/up projections), so
+    that `prune=True` restrains them too.
     """
 
     def edit_batch(self, requests: Sequence[EditRequest]) -> BatchUpdate:

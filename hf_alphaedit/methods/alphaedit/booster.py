@@ -29,7 +29,14 @@ class NullSpaceBooster:
         self.bases = null_space_bases(projector, layers, device)
 
     def __call__(self, update: LayerUpdate) -> LayerUpdate:
-        """The update with its right factor `[n, d_k]` replaced by `(right Û) Ûᵀ` (same dtype)."""
+        """The update with its right factor `[n, d_k]` replaced by `(right Û) Ûᵀ` (same dtype).
+
+        An update that names another matrix than the rewrite module of its layer (`update.module`, e.g. MEND's
+        gate/up projections) passes unchanged: its inputs are the residual stream, not the keys the projector
+        describes, so the projector says nothing about them.
+        """
+        if update.module is not None:
+            return update
         basis = self.bases[update.layer]
         projected = (update.right.double() @ basis) @ basis.T
         return LayerUpdate(update.layer, update.left, projected.to(update.right.dtype), update.keys)

@@ -78,18 +78,25 @@ class PruneRestraint:
         `module_of(update)` names the matrix an update edits."""
         self.alpha, self.restrain_at, self.clip = alpha, restrain_at, clip
         self.add_delta, self.module_of = add_delta, module_of
-        self.sigma_max = {module: float(torch.linalg.matrix_norm(weight.detach().float(), ord=2))
-                          for module, weight in original_weights.items()}
-        if alpha != "linear" and not clip:
-            floor = 1.0 / math.log(LOG_BASES[alpha])
-            small = {module: round(value, 4) for module, value in self.sigma_max.items() if value < floor}
+        self.sigma_max: dict[str, float] = {}
+        self.add_modules(original_weights)
+        self._lifted: dict[str, Factors] = {}  # set by `lift`, recorded by the following `restrain`
+
+    def add_modules(self, original_weights: Mapping[str, torch.Tensor]) -> None:
+        """Restrain these matrices too (`{module: W₀ [d_out, d_in]}`, e.g. the gate/up projections MEND edits besides
+        the rewrite modules); refuses a weight the restraint function would enlarge (see `__init__`)."""
+        sigma_max = {module: float(torch.linalg.matrix_norm(weight.detach().float(), ord=2))
+                     for module, weight in original_weights.items()}
+        if self.alpha != "linear" and not self.clip:
+            floor = 1.0 / math.log(LOG_BASES[self.alpha])
+            small = {module: round(value, 4) for module, value in sigma_max.items() if value < floor}
             if small:
                 raise ValueError(
-                    f"EditingArguments.prune_alpha={alpha!r}: the largest singular value σ_max of the original "
+                    f"EditingArguments.prune_alpha={self.alpha!r}: the largest singular value σ_max of the original "
                     f"weight is below 1/ln α = {floor:.3g} for {small}, so the restraint would enlarge singular "
                     "values just above σ_max (ALGORITHMS.md §7.1). Choose a larger base (prune_alpha='e' needs "
                     "σ_max ≥ 1) or 'linear', or set prune_clip=True to use min(F(σ), σ).")
-        self._lifted: dict[str, Factors] = {}  # set by `lift`, recorded by the following `restrain`
+        self.sigma_max.update(sigma_max)
 
     def lift(self, previous: Sequence[LayerUpdate]) -> None:
         """Before a batch, in `"end"` mode: take the previous batch's correction (`previous`: its recorded
