@@ -20,7 +20,6 @@ file against the recorded size and SHA-256 and that it is a safetensors file bef
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .architectures import ModelSpec
-from .fingerprint import fingerprints_match
+from .fingerprint import file_sha256, fingerprints_match
 from .hub import ModelSource, download_snapshot, upload_folder_replacing
 
 logger = logging.getLogger(__name__)
@@ -138,7 +137,7 @@ def _write_tensors(root: Path, relative: str, tensors: Mapping[str, torch.Tensor
     path = root / relative
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-    return {"sha256": _sha256(path), "size": path.stat().st_size}
+    return {"sha256": file_sha256(path), "size": path.stat().st_size}
 
 
 def render_artifact_card(config: Mapping[str, Any]) -> str:
@@ -213,7 +212,7 @@ def read_artifact_tensors(directory: str | os.PathLike, relative: str,
     if not path.is_file():
         raise ArtifactError(f"{relative} is missing from the artifact in {directory}.")
     size = path.stat().st_size
-    if size != expected["size"] or _sha256(path) != expected["sha256"]:
+    if size != expected["size"] or file_sha256(path) != expected["sha256"]:
         raise CorruptArtifactError(f"{relative} is corrupt or truncated ({size} bytes, expected {expected['size']} "
                                    f"with SHA-256 {str(expected['sha256'])[:12]}…); re-download or re-create the "
                                    "artifact.")
@@ -284,11 +283,3 @@ def check_artifact(config: Mapping[str, Any], spec: ModelSpec, source: ModelSour
         if strict:
             raise ArtifactError(message + " Pass strict=False to use it anyway.")
         warnings.warn(message, stacklevel=3)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -10,8 +10,10 @@ import yaml
 from hf_alphaedit.metrics import METRIC_NAMES, load_metric, metric_path
 from hf_alphaedit.metrics.summaries import (
     harmonic_mean,
+    live_match,
     matthews_correlation,
     ngram_entropy,
+    normalize_answer,
     weighted_f1,
     word_tokenize,
 )
@@ -66,6 +68,31 @@ def test_zsre_accuracy_is_token_accuracy_per_record():
     assert result["efficacy"] == pytest.approx(75.0)
     assert result["generalization"] == pytest.approx(100 * (1 / 3 + 1) / 2)
     assert result["specificity"] == pytest.approx(50.0) and result["specificity_std"] == pytest.approx(50.0)
+
+
+def test_live_accuracy_normalises_case_punctuation_and_articles():
+    assert normalize_answer("  The U.S.  Army's ") == "u s army s"
+    assert live_match("rome, of course", "Rome")
+    assert live_match("The Rome!", "rome")  # articles and punctuation on either side do not count
+    assert not live_match("Romania", "Rome")  # whole words only
+    assert not live_match("the capital is Rome", "Rome")
+    assert live_match("the capital is Rome", "Rome", match="contains")
+    assert not live_match("the capital is Romeo", "Rome", match="contains")
+    assert live_match("New York City", "new york") and not live_match("New", "New York")
+    assert live_match("The end", "The") and not live_match("end", "The")  # an all-article answer keeps them
+    assert not live_match("?", "?")  # nothing left to compare: never a success
+    with pytest.raises(ValueError, match="match="):
+        live_match("Rome", "Rome", match="exact")
+
+
+def test_live_accuracy_module_averages_per_record_then_over_records():
+    module = load_metric("live_accuracy")
+    result = module.compute(predictions=[["Rome, the capital", "Paris"], ["Berlin"]], references=["Rome", "Berlin"])
+    assert result["live_accuracy"] == pytest.approx(75.0) and result["live_accuracy_std"] == pytest.approx(25.0)
+    one_each = module.compute(predictions=["in Rome", "Berlin"], references=["Rome", "Berlin"], match="contains")
+    assert one_each["live_accuracy"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="predictions"):
+        module.compute(predictions=[["Rome"]], references=None)
 
 
 def test_fluency_known_value_and_repetition_scores_zero():
