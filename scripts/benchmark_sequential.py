@@ -165,8 +165,8 @@ def metric_names(dataset: str, family: str) -> list[str]:
 
 def schedule(args: argparse.Namespace, num_batches: int, edited: int) -> dict[str, Any]:
     """The `schedule` part of a checkpoint's protocol card."""
-    timing = (f"after every {args.eval_every} batch(es) and after the last" if args.eval_every
-              else "after all batches (the paper's protocol)")
+    timing = {0: "after all batches (the paper's protocol)", 1: "after every batch"}.get(
+        args.eval_every, f"after every {args.eval_every} batches and after the last")
     return {"of_batches": num_batches, "timing": timing,
             "records": f"the first {edited} records of the file: every record edited so far"}
 
@@ -243,7 +243,7 @@ def protocol_summary(result: dict[str, Any]) -> str:
     return (f"Protocol card: {model['id']} ({model.get('origin')}, weights `{model['weight_fingerprint'][:19]}…`), "
             f"records {dataset['records'][0]}–{dataset['records'][1]} of `{dataset['source']}` "
             f"(`{dataset.get('file_sha256', '')[:19]}…`) in file order, {editing.get('num_edits')} edits in "
-            f"{editing.get('num_batches')} batches of {', '.join(map(str, sizes))}, evaluated "
+            f"{editing.get('num_batches')} batch(es) of {', '.join(map(str, sizes))}, evaluated "
             f"{card['schedule']['timing']} on every record edited so far, metric families "
             f"{', '.join(card['metric_families'])}, hf_alphaedit {card['package_version']}.")
 
@@ -304,11 +304,11 @@ def plot(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> Non
     for axis, metric, tf_key, live_key in zip(axes, EDIT_METRICS, teacher, live, strict=True):
         for index, method in enumerate(args.methods):
             color = colors[index % len(colors)]
-            for key, style, label in ((tf_key, "-", method), (live_key, "--", f"{method} (live)")):
+            for key, style, marker, label in ((tf_key, "-", "o", method), (live_key, "--", "s", f"{method} (live)")):
                 points = sorted((r["num_edits"], r["edit_metrics"][key]) for r in runs[method]
                                 if key in r["edit_metrics"])
                 if points:
-                    axis.plot(*zip(*points, strict=True), marker="o", linestyle=style, color=color, label=label)
+                    axis.plot(*zip(*points, strict=True), marker=marker, linestyle=style, color=color, label=label)
         if base:
             for key, style in ((tf_key, "--"), (live_key, ":")):
                 if key in base["edit_metrics"]:

@@ -109,6 +109,18 @@ def test_word_tokenize_splits_punctuation_and_contractions():
         "Paris", "is", "n't", "in", "Italy", ",", "it", "'s", "in", "France", "."]
 
 
+def test_word_tokenize_differs_from_nltk_only_where_the_fluency_card_says():
+    """Runs where NLTK is installed (it is not a dependency): plain text is split alike; the differences are the
+    ones the fluency metric card lists."""
+    nltk_tokenize = pytest.importorskip("nltk.tokenize").NLTKWordTokenizer().tokenize
+    for text in ("Paris isn't in Italy, it's in France.", "The mother tongue of Danielle Darrieux is English.",
+                 "He said (twice) that we can't -- and won't -- stop!"):
+        assert word_tokenize(text) == nltk_tokenize(text)
+    assert (word_tokenize('say "hi"'), nltk_tokenize('say "hi"')) == (["say", '"', "hi", '"'], ["say", "``", "hi", "''"])
+    assert (word_tokenize("U.S. Highway"), nltk_tokenize("U.S. Highway")) == (["U.S", ".", "Highway"], ["U.S.", "Highway"])
+    assert (word_tokenize("at 5:30"), nltk_tokenize("at 5:30")) == (["at", "5", ":", "30"], ["at", "5:30"])
+
+
 def test_bad_input_names_the_columns_and_the_fix():
     with pytest.raises(ValueError, match="new_target_nll.*one list of numbers"):
         load_metric("efficacy").compute(new_target_nll=["high"], true_target_nll=[1.0])
