@@ -169,7 +169,7 @@ class AlphaEditModel(nn.Module):
             if not self.state.context_templates:
                 self.state.context_templates.extend(generate_context_templates(
                     self.model, self.tokenizer, hp.context_template_length, hp.context_template_count,
-                    self.editing_args.seed))
+                    self.editing_args.seed, keep_special_tokens=hp.context_template_special_tokens))
             if self.engine.forward_mode is None:
                 self.engine.forward_mode = choose_forward_mode(self.model, self.tokenizer, self.spec, hp,
                                                                self.state.context_templates, requests[:2])

@@ -75,6 +75,11 @@ class EditMethod(Protocol):
     `commit` changes; the engine copies exactly those around each batch, so a failed batch leaves no trace, and
     restores them to rebuild the state after an undo. Undeclared, every dict-of-tensors attribute is copied
     (safe, but constants such as `λC₀` then cost a copy per batch).
+
+    Optional static hooks read when hyperparameters are resolved (`hparams.resolve_hyperparameters`):
+    `default_layers(spec, locate_then_edit_layers, config)` (ROME, FT pick their own layers) and
+    `reference_hyperparameters(reference_file) -> {field: value}` (ROME, NSE: their own reference files' values of
+    shared settings under `preset="reference"`).
     """
 
     def edit_batch(self, requests: Sequence[EditRequest]) -> BatchUpdate:
