@@ -26,7 +26,7 @@ from hf_alphaedit.evaluation import (
     weight_fingerprint,
 )
 from hf_alphaedit.evaluation.scorer import leading_special_ids
-from tests.naive_scoring import naive_scores
+from tests.naive_scoring import naive_greedy, naive_scores
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
 PROMPTS = ["The small robot in our lab speaks", "Paris is the capital of", "The Eiffel Tower is in",
@@ -149,15 +149,6 @@ def test_records_without_a_true_target_cannot_be_read_as_counterfact():
         evaluate_edits(model, tokenizer, [request], kind="counterfact")
 
 
-def _naive_greedy(model, prompt, steps):
-    """Greedy continuation the slow obvious way: the whole unpadded sequence through the model per token."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "opt", "gptj", "falcon"])
 def test_batched_greedy_decoding_equals_a_naive_loop(family):
     """Left padding, position ids, the KV cache and per-row budgets change nothing (several batches of
@@ -166,7 +157,7 @@ def test_batched_greedy_decoding_equals_a_naive_loop(family):
     prompts = [encode_prompt(tokenizer, p) for p in PROMPTS + [" ".join(PROMPTS)]]
     budgets = [5, 1, 7, 3, 6]
     new = decode(model, prompts, budgets, pad_id=tokenizer.pad_token_id, batch_tokens=60)
-    assert new == [_naive_greedy(model, p, b) for p, b in zip(prompts, budgets, strict=True)]
+    assert new == [naive_greedy(model, p, b) for p, b in zip(prompts, budgets, strict=True)]
 
 
 def test_sampler_draws_from_the_top_k_only_and_is_seeded():
@@ -343,9 +334,12 @@ def test_smollm2_efficacy_moves_to_90_after_a_few_edits(smollm2_editor, shared_d
     records = _flat_records(shared_data, 8)
     editor.edit(records, batch_size=8)
     edited = {k: v.clone() for k, v in model.state_dict().items()}
-    result = editor.evaluate(records, baseline=True, show_progress=False)
-    print({k: (result["pre"][k], result[k]) for k in ("efficacy", "generalization", "specificity")})
+    result = editor.evaluate(records, baseline=True, live=True, show_progress=False)
+    print({k: (result["pre"][k], result[k]) for k in ("efficacy", "generalization", "specificity", "live_efficacy",
+                                                       "live_generalization", "live_specificity")})
     assert result["efficacy"] >= 90 > result["pre"]["efficacy"]
+    # The model now also says the new targets itself, though less often than teacher forcing credits it.
+    assert result["pre"]["live_efficacy"] < result["live_efficacy"] <= result["efficacy"]
     assert editor.last_evaluation is result
     # The baseline pass subtracted the edits temporarily; the edited weights are back bit for bit.
     assert all(torch.equal(edited[k], v) for k, v in model.state_dict().items())

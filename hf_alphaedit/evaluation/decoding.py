@@ -190,14 +190,14 @@ def decode(
 
 
 def _next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of `logits` `[rows, vocab]` (float32): `[rows]` on the CPU."""
-    logits = logits.cpu()
+    """One token per row of `logits` `[rows, vocab]` (float32): `[rows]` on the CPU (only the top-k values leave
+    the device; the draw uses the CPU generator, so it does not depend on the device)."""
     if sampling.greedy:
-        return logits.argmax(dim=-1)
+        return logits.argmax(dim=-1).cpu()
     values, indices = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1)
-    probabilities = torch.softmax(values / sampling.temperature, dim=-1)
+    probabilities = torch.softmax(values / sampling.temperature, dim=-1).cpu()
     choice = torch.multinomial(probabilities, 1, generator=generator)
-    return indices.gather(1, choice).squeeze(1)
+    return indices.cpu().gather(1, choice).squeeze(1)
 
 
 def clean_generated_text(text: str) -> str:
