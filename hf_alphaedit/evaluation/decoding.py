@@ -27,7 +27,6 @@ from transformers import DynamicCache
 
 from ..forward import cache_argument
 from .scorer import (
-    DEFAULT_BATCH_TOKENS,
     encode_prompt,
     encode_target,
     inference,
@@ -36,6 +35,9 @@ from .scorer import (
     progress,
 )
 
+# Tokens of KV cache (rows × (prompt + new tokens)) in one decoding batch. Larger than the scorer's budget, which
+# bounds full-vocabulary logits at every position; decoding keeps logits for one position per row.
+DEFAULT_DECODE_TOKENS = 16384
 LiveMatch = Literal["prefix", "contains"]
 LIVE_MATCHES: tuple[str, ...] = ("prefix", "contains")
 
@@ -78,18 +80,22 @@ class LiveDecoding:
     For a prompt and its expected answer the model decodes at most `len(enc(" " + answer)) + extra_tokens` new
     tokens (ending early at the tokenizer's EOS) with `sampling`; the first line of the decoded continuation is
     compared with the answer under `match` (`"prefix"`: the continuation starts with the answer, `"contains"`:
-    the answer occurs in it), both normalised (case, punctuation, articles).
+    the answer occurs in it), both normalised (case, punctuation, articles). `batch_tokens` bounds the KV-cache
+    tokens of one decoding batch (memory only: greedy results do not depend on it beyond float round-off ties).
     """
 
     match: LiveMatch = "prefix"
     extra_tokens: int = 8
     sampling: Sampling = GREEDY
+    batch_tokens: int = DEFAULT_DECODE_TOKENS
 
     def __post_init__(self) -> None:
         if self.match not in LIVE_MATCHES:
             raise ValueError(f"LiveDecoding.match={self.match!r}: choose one of {list(LIVE_MATCHES)}.")
         if self.extra_tokens < 0:
             raise ValueError(f"LiveDecoding.extra_tokens={self.extra_tokens}: must be >= 0.")
+        if self.batch_tokens < 1:
+            raise ValueError(f"LiveDecoding.batch_tokens={self.batch_tokens}: must be positive.")
 
     @property
     def family(self) -> str:
@@ -125,14 +131,14 @@ def decode(
     pad_id: int,
     sampling: Sampling = GREEDY,
     stop_ids: Collection[int] = (),
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_tokens: int = DEFAULT_DECODE_TOKENS,
     show_progress: bool | None = None,
     description: str = "decoding",
 ) -> list[list[int]]:
     """New token ids after each prompt (`prompts[i]` ids `[len_i]`), at most `max_new_tokens[i]` of them, in input
     order.
 
-    Rows are grouped longest first under a padded-token budget (`rows × (prompt + new tokens) ≤ batch_tokens`),
+    Rows are grouped longest first under a KV-cache budget (`rows × (prompt + new tokens) ≤ batch_tokens`),
     left-padded, with position ids counted from each row's first real token, so padding shifts nothing. A row ends
     after its budget or at the first token in `stop_ids` (not returned). Logits are read in float32.
     """
@@ -213,7 +219,7 @@ def generate_texts(
     *,
     max_length: int = 100,
     sampling: Sampling = REFERENCE_SAMPLING,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_tokens: int = DEFAULT_DECODE_TOKENS,
     show_progress: bool | None = None,
 ) -> list[str]:
     """Each prompt continued until the sequence (prompt included) has exactly `max_length` tokens (§10.3).
@@ -245,7 +251,7 @@ def continue_prompts(
     max_new_tokens: Sequence[int],
     *,
     sampling: Sampling = GREEDY,
-    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_tokens: int = DEFAULT_DECODE_TOKENS,
     show_progress: bool | None = None,
     description: str = "decoding",
 ) -> list[str]:
@@ -274,12 +280,13 @@ def continue_prompts(
 
 
 def live_continuations(model: nn.Module, tokenizer: Any, items: Sequence[tuple[str, str]], settings: LiveDecoding,
-                       *, batch_tokens: int = DEFAULT_BATCH_TOKENS, show_progress: bool | None = None) -> list[str]:
+                       *, show_progress: bool | None = None) -> list[str]:
     """The model's own answer (first line of its continuation) to each `(prompt, expected answer)` item, decoded
     with `settings` for up to `len(enc(" " + answer)) + settings.extra_tokens` tokens."""
     budgets = [len(encode_target(tokenizer, answer)) + settings.extra_tokens for _, answer in items]
     return continue_prompts(model, tokenizer, [prompt for prompt, _ in items], budgets, sampling=settings.sampling,
-                            batch_tokens=batch_tokens, show_progress=show_progress, description="live decoding")
+                            batch_tokens=settings.batch_tokens, show_progress=show_progress,
+                            description="live decoding")
 
 
 def greedy_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], new_tokens: int = 8) -> list[str]:

@@ -118,7 +118,7 @@ def evaluate_edits(
     zsre = [r for r, is_zsre in zip(requests, zsre_flags, strict=True) if is_zsre]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scoring = {"pad_id": pad_id, "batch_tokens": batch_tokens, "show_progress": show_progress}
-    decoding = {"batch_tokens": batch_tokens, "show_progress": show_progress}
+    decoding = {"show_progress": show_progress}
 
     results: dict[str, Any] = {"num_records": len(requests)}
     families: dict[str, list[str]] = {"teacher_forced": [], "sampled_generation": []}
@@ -131,7 +131,7 @@ def evaluate_edits(
                                                                    decoding)))
         if generation:
             fluency = _evaluate_fluency(model, tokenizer, counterfact[:max_generation_records], generation_length,
-                                        seed, batch_tokens, show_progress)
+                                        seed, show_progress)
             parts.append(("sampled_generation", fluency, []))
     if zsre:
         parts.append(("teacher_forced", *_evaluate_zsre(model, tokenizer, zsre, scoring)))
@@ -319,12 +319,12 @@ def _live_zsre(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest]
 
 
 def _evaluate_fluency(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], length: int, seed: int,
-                      batch_tokens: int, show_progress: bool | None) -> dict[str, float]:
+                      show_progress: bool | None) -> dict[str, float]:
     """Fluency of the reference sampler's texts (top-k 5, temperature 1, fixed length, seeded)."""
     prompts_per_record = [r.generation_prompts or (r.prompt_with_subject,) for r in requests]
     texts = generate_texts(model, tokenizer, [p for prompts in prompts_per_record for p in prompts],
                            max_length=length, sampling=dataclasses.replace(REFERENCE_SAMPLING, seed=seed),
-                           batch_tokens=batch_tokens, show_progress=show_progress)
+                           show_progress=show_progress)
     grouped, position = [], 0
     for prompts in prompts_per_record:
         grouped.append(texts[position : position + len(prompts)])
