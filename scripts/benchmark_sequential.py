@@ -235,6 +235,11 @@ def collect(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     return runs
 
 
+def general_tasks(result: dict[str, Any]) -> list[str]:
+    """The task names of a result's general-capability scores (not the average or the protocol card)."""
+    return [t for t in result["general"] if t not in ("average", "protocol")]
+
+
 def protocol_summary(result: dict[str, Any]) -> str:
     """One sentence from a result's protocol card."""
     card = result["edit_metrics"]["protocol"]
@@ -282,7 +287,7 @@ def markdown_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespa
     if finals:
         lines += ["", protocol_summary(finals[0][1])]
     if base and "general" in base:
-        tasks = [t for t in base["general"] if t != "average"]
+        tasks = general_tasks(base)
         lines += ["", "General capability (weighted F1 of the log-likelihood answers, "
                   f"{args.general_examples} examples per task):", "",
                   "| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
@@ -345,7 +350,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> Non
 
     if not (base and "general" in base):
         return
-    tasks = [t for t in base["general"] if t != "average"]
+    tasks = general_tasks(base)
     models = [("unedited", base)] + [(m, r) for m in args.methods for r in runs[m]
                                       if r["num_edits"] == args.num_edits and "general" in r]
     figure, axis = plt.subplots(figsize=(11, 3.8))

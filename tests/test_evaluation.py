@@ -319,8 +319,12 @@ def test_general_suite_scores_every_task_and_reference_compat_inverts_rte(shared
     general = shared_data / "general"
     result = evaluate_general(model, tokenizer, general, num_examples=6)
     assert set(result) == {"sst2", "mrpc", "cola", "rte", "nli", "mmlu", "sentiment_analysis", "dialogue",
-                           "average"}
-    assert all(result[t]["total"] == 6 for t in result if t != "average")
+                           "average", "protocol"}
+    assert all(result[t]["total"] == 6 for t in result if t not in ("average", "protocol"))
+    card = result["protocol"]
+    assert card["model"]["weight_fingerprint"] == weight_fingerprint(model) and card["dataset"]["records"] == [0, 6]
+    assert card["dataset"]["file_sha256"]["rte"] == "sha256:" + hashlib.sha256((general / "rte.json").read_bytes(
+        )).hexdigest()
     compat = evaluate_general(model, tokenizer, general, tasks=["rte"], num_examples=6, reference_compat=True)
     assert compat["rte"]["accuracy"] == pytest.approx(100 - result["rte"]["accuracy"])
     with pytest.raises(ValueError, match="unknown general tasks"):
