@@ -23,9 +23,9 @@ from hf_alphaedit.evaluation import (
     evaluate_general,
     generate_texts,
     score_continuations,
-    weight_fingerprint,
 )
 from hf_alphaedit.evaluation.scorer import leading_special_ids
+from hf_alphaedit.fingerprint import weights_sha256
 from tests.naive_scoring import naive_greedy, naive_scores
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
@@ -249,23 +249,22 @@ def test_protocol_card_names_weights_records_and_families(shared_data):
     result = evaluate_edits(model, tokenizer, path, limit=3)
     card = result["protocol"]
     assert card["dataset"]["source"] == "counterfact-edit.json"
-    assert card["dataset"]["file_sha256"] == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    assert card["dataset"]["file_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert card["dataset"]["records"] == [0, 3]
-    assert card["model"]["weight_fingerprint"] == weight_fingerprint(model)
+    assert card["model"]["weights_sha256"] == weights_sha256(model)
     assert card["package_version"] == hf_alphaedit.__version__ and card["evaluated_at"]
     assert set(card["metric_families"]) == {"teacher_forced"} and "live_decoding" not in card
-    fingerprint = card["model"]["weight_fingerprint"]
+    fingerprint = card["model"]["weights_sha256"]
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-7  # one element, below display precision
-    assert weight_fingerprint(model) != fingerprint
+    assert weights_sha256(model) != fingerprint
     same_records = evaluate_edits(model, tokenizer, _flat_records(shared_data, 3))["protocol"]["dataset"]
     assert same_records["records_sha256"] == card["dataset"]["records_sha256"]
 
 
 def test_pre_is_measured_on_the_unedited_weights(corpus, shared_data, tmp_path):
-    """`evaluate(baseline=True)` scores the weights with every applied edit subtracted: the same numbers as a
-    freshly built copy of the base model, within float32 round-off (the subtraction is not bit-exact yet: the
-    core keeps no copy of the original weights), and its protocol card says so."""
+    """`evaluate(baseline=True)` scores the exact original weights (the engine keeps them): the same weights, bit
+    for bit, and the same numbers as a freshly built copy of the base model; its protocol card says so."""
     from hf_alphaedit import AlphaEditModel, EditingArguments
 
     args = EditingArguments(statistics_corpus=str(corpus / "corpus.txt"), statistics_samples=60,
@@ -280,13 +279,14 @@ def test_pre_is_measured_on_the_unedited_weights(corpus, shared_data, tmp_path):
     assert result["pre"]["efficacy_magnitude"] != result["efficacy_magnitude"]  # the edits did change something
     for name, value in fresh.items():
         if isinstance(value, float) and name not in ("seconds", "records_per_second"):
-            assert result["pre"][name] == pytest.approx(value, abs=1e-4), name
+            assert result["pre"][name] == value, name
     pre_card, card = result["pre"]["protocol"], result["protocol"]
-    assert pre_card["editing"]["num_edits"] == 0 and "subtracted" in pre_card["editing"]["weights"]
+    assert pre_card["model"]["weights_sha256"] == fresh["protocol"]["model"]["weights_sha256"]
+    assert pre_card["editing"]["num_edits"] == 0 and "exact original weights" in pre_card["editing"]["weights"]
     assert card["editing"]["num_edits"] == 4 and card["editing"]["batch_sizes"] == [2, 2]
-    assert card["schedule"]["after_batch"] == 2 and card["model"]["weight_fingerprint"] != pre_card["model"][
-        "weight_fingerprint"]
-    with pytest.raises(ValueError, match="same weight fingerprint"):
+    assert card["schedule"]["after_batch"] == 2
+    assert card["model"]["weights_sha256"] != pre_card["model"]["weights_sha256"]
+    with pytest.raises(ValueError, match="same weights_sha256"):
         editor.evaluate(records, baseline=dict(result, protocol=card))
 
 
@@ -307,11 +307,11 @@ def test_model_card_model_index_carries_the_protocol(corpus, shared_data, tmp_pa
     assert by_metric["efficacy"].metric_config == "teacher_forced"
     assert by_metric["live_efficacy"].metric_config == "live_greedy"
     args_of = by_metric["live_efficacy"].metric_args
-    assert args_of["weight_fingerprint"] == result["protocol"]["model"]["weight_fingerprint"]
-    assert (args_of["num_edits"], args_of["records"], args_of["package_version"]) == (2, [0, 2], "0.1.0")
+    assert args_of["weights_sha256"] == result["protocol"]["model"]["weights_sha256"]
+    assert (args_of["num_edits"], args_of["records"], args_of["package_version"]) == (2, [0, 2], hf_alphaedit.__version__)
     assert by_metric["efficacy"].dataset_revision == result["protocol"]["dataset"]["file_sha256"]
     assert by_metric["efficacy"].dataset_name == "counterfact-edit.json"
-    assert "Protocol: weights `sha256:" in card.text and str(tmp_path) not in card.text
+    assert f"Protocol: weights `{result['protocol']['model']['weights_sha256'][:16]}…`" in card.text and str(tmp_path) not in card.text
 
 
 def test_general_suite_scores_every_task_and_reference_compat_inverts_rte(shared_data):
@@ -322,9 +322,8 @@ def test_general_suite_scores_every_task_and_reference_compat_inverts_rte(shared
                            "average", "protocol"}
     assert all(result[t]["total"] == 6 for t in result if t not in ("average", "protocol"))
     card = result["protocol"]
-    assert card["model"]["weight_fingerprint"] == weight_fingerprint(model) and card["dataset"]["records"] == [0, 6]
-    assert card["dataset"]["file_sha256"]["rte"] == "sha256:" + hashlib.sha256((general / "rte.json").read_bytes(
-        )).hexdigest()
+    assert card["model"]["weights_sha256"] == weights_sha256(model) and card["dataset"]["records"] == [0, 6]
+    assert card["dataset"]["file_sha256"]["rte"] == hashlib.sha256((general / "rte.json").read_bytes()).hexdigest()
     compat = evaluate_general(model, tokenizer, general, tasks=["rte"], num_examples=6, reference_compat=True)
     assert compat["rte"]["accuracy"] == pytest.approx(100 - result["rte"]["accuracy"])
     with pytest.raises(ValueError, match="unknown general tasks"):
@@ -345,5 +344,5 @@ def test_smollm2_efficacy_moves_to_90_after_a_few_edits(smollm2_editor, shared_d
     # The model now also says the new targets itself, though less often than teacher forcing credits it.
     assert result["pre"]["live_efficacy"] < result["live_efficacy"] <= result["efficacy"]
     assert editor.last_evaluation is result
-    # The baseline pass subtracted the edits temporarily; the edited weights are back bit for bit.
+    # The baseline pass swapped the original weights in; the edited weights are back bit for bit.
     assert all(torch.equal(edited[k], v) for k, v in model.state_dict().items())

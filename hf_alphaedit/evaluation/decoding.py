@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 import unicodedata
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -134,6 +135,7 @@ def decode(
     batch_tokens: int = DEFAULT_DECODE_TOKENS,
     show_progress: bool | None = None,
     description: str = "decoding",
+    max_seconds: float | None = None,
 ) -> list[list[int]]:
     """New token ids after each prompt (`prompts[i]` ids `[len_i]`), at most `max_new_tokens[i]` of them, in input
     order.
@@ -141,6 +143,8 @@ def decode(
     Rows are grouped longest first under a KV-cache budget (`rows × (prompt + new tokens) ≤ batch_tokens`),
     left-padded, with position ids counted from each row's first real token, so padding shifts nothing. A row ends
     after its budget or at the first token in `stop_ids` (not returned). Logits are read in float32.
+    `max_seconds` stops each batch after the first new token that took it past that many seconds (as transformers'
+    `max_time`; its rows are then shorter), for callers that serve strangers.
     """
     if len(prompts) != len(max_new_tokens):
         raise ValueError(f"decode: {len(prompts)} prompts but {len(max_new_tokens)} token budgets")
@@ -148,6 +152,8 @@ def decode(
         raise ValueError("decode: every prompt needs at least one token id")
     if any(budget < 0 for budget in max_new_tokens):
         raise ValueError("decode: max_new_tokens must be >= 0 for every prompt")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"decode: max_seconds={max_seconds} must be positive (or None for no time limit)")
     stops = frozenset(stop_ids)
     device = model_device(model)
     accepted = _forward_parameters(type(model))
@@ -171,6 +177,7 @@ def decode(
             budgets = [max_new_tokens[i] for i in batch]
             if max(budgets) == 0:
                 continue
+            started = time.perf_counter()
             input_ids, attention_mask = left_pad([prompts[i] for i in batch], pad_id, device)
             positions = (attention_mask.cumsum(1) - 1).clamp_min(0)
             cache = DynamicCache()
@@ -187,7 +194,7 @@ def decode(
                         continue
                     outputs[index].append(token)
                     alive[row] = step + 1 < budgets[row]
-                if not any(alive):
+                if not any(alive) or (max_seconds is not None and time.perf_counter() - started >= max_seconds):
                     break
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(batch), 1)], dim=1)
                 positions = positions[:, -1:] + 1
@@ -254,8 +261,10 @@ def continue_prompts(
     batch_tokens: int = DEFAULT_DECODE_TOKENS,
     show_progress: bool | None = None,
     description: str = "decoding",
+    max_seconds: float | None = None,
 ) -> list[str]:
-    """The first line of each prompt's decoded continuation (at most `max_new_tokens[i]` tokens, ending at EOS).
+    """The first line of each prompt's decoded continuation (at most `max_new_tokens[i]` tokens, ending at EOS;
+    `max_seconds`: see `decode`).
 
     Greedy continuations of the same prompt are decoded once, with the largest budget asked for it (a shorter
     greedy budget gives a prefix of the same tokens).
@@ -269,13 +278,13 @@ def continue_prompts(
         unique = list(budget_of)
         ids = decode(model, [encode_prompt(tokenizer, p) for p in unique], [budget_of[p] for p in unique],
                      pad_id=pad_id, stop_ids=stop_ids, batch_tokens=batch_tokens, show_progress=show_progress,
-                     description=description)
+                     description=description, max_seconds=max_seconds)
         generated = dict(zip(unique, ids, strict=True))
         new = [generated[prompt][:budget] for prompt, budget in zip(prompts, max_new_tokens, strict=True)]
     else:
         new = decode(model, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens, pad_id=pad_id,
                      sampling=sampling, stop_ids=stop_ids, batch_tokens=batch_tokens, show_progress=show_progress,
-                     description=description)
+                     description=description, max_seconds=max_seconds)
     return [first_line(tokenizer.decode(ids, skip_special_tokens=True)) for ids in new]
 
 
@@ -289,9 +298,11 @@ def live_continuations(model: nn.Module, tokenizer: Any, items: Sequence[tuple[s
                             description="live decoding")
 
 
-def greedy_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], new_tokens: int = 8) -> list[str]:
-    """The first line of the model's greedy continuation (at most `new_tokens` tokens, ending at EOS) of each
-    prompt, stripped."""
+def greedy_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], new_tokens: int = 8,
+                   max_seconds: float | None = None) -> list[str]:
+    """The first line of the model's greedy continuation (at most `new_tokens` tokens, ending at EOS, decoded for
+    at most about `max_seconds` per batch) of each prompt, stripped."""
     if not prompts:
         return []
-    return [answer.strip() for answer in continue_prompts(model, tokenizer, prompts, [new_tokens] * len(prompts))]
+    return [answer.strip() for answer in continue_prompts(model, tokenizer, prompts, [new_tokens] * len(prompts),
+                                                          show_progress=False, max_seconds=max_seconds)]
