@@ -17,8 +17,8 @@ method, with key statistics from WikiText-2. After all batches (and every `eval_
 so far are evaluated with `AlphaEditModel.evaluate`: the teacher-forced metrics (CounterFact efficacy /
 generalization / specificity §10.2, or ZsRE token accuracy §10.4) and, beside them, the live-decoding ones (the
 model generates the answer greedily; `live_accuracy` metric card); the general-capability suite (§10.7) runs on
-the unedited model and after the last batch. Every result carries its protocol card (model and weight
-fingerprint, records and their hash, edit history, when it was measured, metric families, package version).
+the unedited model and after the last batch. Every result carries its protocol card (model and the SHA-256 of its
+weights, records and their hash, edit history, when it was measured, metric families, package version).
 Writes into the output folder: `base/edits_0000.json`, `<method>/edits_NNNN.json` (one atomic file per evaluation;
 existing ones are skipped on a rerun, and `<method>/resume/` holds a `hf_alphaedit.checkpointing` checkpoint after
 the last finished batch, so a run continues there), `results.json`, `results.md` and `metrics_vs_edits.png`,
@@ -245,7 +245,7 @@ def protocol_summary(result: dict[str, Any]) -> str:
     card = result["edit_metrics"]["protocol"]
     model, dataset, editing = card["model"], card["dataset"], card.get("editing") or {}
     sizes = sorted(set(editing.get("batch_sizes") or []))
-    return (f"Protocol card: {model['id']} ({model.get('origin')}, weights `{model['weight_fingerprint'][:19]}…`), "
+    return (f"Protocol card: {model['id']} ({model.get('origin')}, weights `{model['weights_sha256'][:12]}…`), "
             f"records {dataset['records'][0]}–{dataset['records'][1]} of `{dataset['source']}` "
             f"(`{dataset.get('file_sha256', '')[:19]}…`) in file order, {editing.get('num_edits')} edits in "
             f"{editing.get('num_batches')} batch(es) of {', '.join(map(str, sizes))}, evaluated "

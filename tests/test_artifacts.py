@@ -20,10 +20,10 @@ from hf_alphaedit.artifacts import (
     ARTIFACT_CONFIG,
     ArtifactError,
     CorruptArtifactError,
-    _sha256,
     default_artifact_repo_id,
     statistics_path,
 )
+from hf_alphaedit.fingerprint import file_sha256
 from hf_alphaedit.hub import ModelSource
 from hf_alphaedit.statistics import collect_key_statistics
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
@@ -167,7 +167,7 @@ def test_corrupt_truncated_nan_or_missing_files_are_refused(tmp_path, projector)
     tensors["upper"][3] = float("nan")
     save_file(tensors, str(path))
     config = json.loads((tmp_path / "b" / ARTIFACT_CONFIG).read_text())
-    config["files"][statistics_path(2)] = {"sha256": _sha256(path), "size": path.stat().st_size}
+    config["files"][statistics_path(2)] = {"sha256": file_sha256(path), "size": path.stat().st_size}
     (tmp_path / "b" / ARTIFACT_CONFIG).write_text(json.dumps(config))
     with pytest.raises(CorruptArtifactError, match="NaN or Inf"):
         NullSpaceProjector.from_pretrained(tmp_path / "b")

@@ -178,6 +178,17 @@ def test_sampler_draws_from_the_top_k_only_and_is_seeded():
         Sampling(top_k=0)
 
 
+def test_decoding_time_bound_keeps_the_first_token_and_refuses_non_positive_seconds():
+    """`max_seconds` (the Space's answer bound) stops a batch after the token that passes it, like transformers'
+    `max_time`: a bound no step can meet leaves one token per row, a prefix of the unbounded decoding."""
+    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS]
+    unbounded = decode(model, prompts, [6] * len(prompts), pad_id=0)
+    assert decode(model, prompts, [6] * len(prompts), pad_id=0, max_seconds=1e-9) == [row[:1] for row in unbounded]
+    with pytest.raises(ValueError, match="max_seconds=0"):
+        decode(model, prompts, [6] * len(prompts), pad_id=0, max_seconds=0)
+
+
 def test_fluency_texts_ignore_the_models_generation_config():
     """ALGORITHMS.md §10.3: top-k 5, temperature 1, no top-p, no penalty, fixed length; whatever the model's own
     generation_config says (here Llama-3-Instruct's 0.6 / 0.9 and more)."""
