@@ -163,6 +163,11 @@ class EditingArguments:
                                            high=MAX_CONTEXT_TEMPLATE_LENGTH)
     context_template_count: int = setting("Number of generated context templates (one per seed word, up to 5).",
                                         default=5, low=0, high=len(CONTEXT_SEED_WORDS))
+    context_template_special_tokens: bool = setting(
+        "Keep special tokens when decoding the generated context templates, as the reference code does "
+        "(ALGORITHMS.md §3.1 quirk): for Llama-3 every template then starts with the text '<|begin_of_text|>', "
+        "which encodes as a second BOS after the tokenizer's own. Default: skipped (EasyEdit's behaviour).",
+        default=False)
 
     layer_module_tmp: str | None = setting("Override: block module path with '{}' for the layer index.",
                                          default=None)

@@ -20,7 +20,6 @@ file against the recorded size and SHA-256 and that it is a safetensors file bef
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .architectures import ModelSpec
-from .fingerprint import fingerprints_match
+from .fingerprint import file_sha256, fingerprints_match
 from .hub import ModelSource, download_snapshot, upload_folder_replacing
 
 logger = logging.getLogger(__name__)
@@ -284,12 +283,3 @@ def check_artifact(config: Mapping[str, Any], spec: ModelSpec, source: ModelSour
         if strict:
             raise ArtifactError(message + " Pass strict=False to use it anyway.")
         warnings.warn(message, stacklevel=3)
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

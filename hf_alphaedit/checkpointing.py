@@ -21,7 +21,6 @@ bitwise what the uninterrupted run had (re-adding factors differs by round-off u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .engine import EditResult
+from .fingerprint import records_sha256
 from .requests import EditRequest, as_edit_requests
 from .state import EditState
 
@@ -142,12 +142,10 @@ def edit_sequentially(editor: AlphaEditModel, requests: EditRequest | Mapping | 
 def run_identity(editor: AlphaEditModel, requests: Sequence[EditRequest]) -> dict[str, Any]:
     """JSON-ready description of a run: the model, a digest of the requests and the settings that change results."""
     source = editor.source
-    digest = hashlib.sha256(json.dumps([r.to_dict() for r in requests], sort_keys=True, ensure_ascii=False,
-                                       default=str).encode("utf-8")).hexdigest()
     config = editor.method_config
     identity = {
         "model": {"name_or_path": source.name_or_path, "revision": source.revision, "commit_sha": source.commit_sha},
-        "requests": {"count": len(requests), "sha256": digest},
+        "requests": {"count": len(requests), "sha256": records_sha256([r.to_dict() for r in requests])},
         "editing_args": {k: v for k, v in editor.editing_args.to_dict().items() if k not in _RUN_INDEPENDENT_ARGS},
         "method_config": config.to_dict() if config is not None else None,
     }

@@ -1,19 +1,26 @@
-"""Fingerprints of a model's weights: which model statistics, artifacts and published edits belong to.
+"""Fingerprints of a model's weights, files and records: which model statistics, artifacts, published edits and
+evaluation results belong to.
 
-Two kinds, for two jobs:
+For weights, three kinds, for three jobs:
 - `weights_digests`: an exact SHA-256 over the bytes of every weight that the keys of the edited layers depend on
   (embeddings and the blocks up to the deepest edited one), with dtype and shape. It keys the local statistics
   cache, where reusing statistics of other weights would silently give a wrong projector.
 - `weight_fingerprint`: a short numeric signature (`W @ probe`, float64) of one matrix, robust to dtype and to
   float round-off, compared with a tolerance. It travels in artifacts and published edits, where the same model in
   another dtype must still match and a different model (of the same architecture) must not.
+- `weights_sha256`: an exact SHA-256 over every parameter of the model. Evaluation protocol cards name the
+  evaluated weights by it, so two results can be compared only when they were measured on the same weights.
+
+`file_sha256` and `records_sha256` identify the files and records that artifacts, runs and evaluations read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -68,6 +75,30 @@ def weights_digests(model: nn.Module, spec: ModelSpec, layers: Sequence[int]) ->
         if block in layers:
             digests[block] = digest.copy().hexdigest()
     return digests
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 (hex) over every parameter of `model` (name, dtype, shape and bytes, in `named_parameters` order;
+    tied weights once): equal digests, bitwise equal weights."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        _hash_parameter(digest, name, parameter)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def records_sha256(records: Sequence[Mapping[str, Any]]) -> str:
+    """SHA-256 (hex) of JSON-like records as canonical JSON (sorted keys, UTF-8), whatever they were loaded from."""
+    text = json.dumps(list(records), sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _hash_parameter(digest: Any, name: str, parameter: torch.Tensor) -> None:

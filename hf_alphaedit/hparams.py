@@ -47,9 +47,9 @@ REFERENCE_FILES: dict[str, ReferenceFile] = {
 _FAMILY_REFERENCE = {"gpt2": "gpt2-xl", "gptj": "gpt-j-6b", "gpt_neox": "gpt2-xl", "opt": "gpt2-xl", "falcon": "gpt2-xl"}
 
 
-def reference_file(spec: ModelSpec) -> ReferenceFile:
-    """The reference hyperparameter file the model family of `spec` inherits."""
-    return REFERENCE_FILES[_FAMILY_REFERENCE.get(spec.model_type, "llama3-8b")]
+def reference_file_name(spec: ModelSpec) -> str:
+    """Name of the reference hyperparameter file (a key of `REFERENCE_FILES`) the model family of `spec` inherits."""
+    return _FAMILY_REFERENCE.get(spec.model_type, "llama3-8b")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,10 @@ class ResolvedHyperparameters:
     context_template_count: int
     use_projection: bool = False  # True: updates are (or are made) null-space projected
     mend_editor: str | None = None  # where MEND's trained editor comes from (EditingArguments.mend_editor)
+    context_template_special_tokens: bool = False
+    # The official file the values came from under preset="reference" ("gpt2-xl", "gpt-j-6b", "llama3-8b"), so
+    # methods can take their own reference settings outside these fields (e.g. NSE's absolute error bounds).
+    reference_file: str | None = None
 
     @property
     def z_layer(self) -> int:
@@ -89,10 +93,15 @@ def resolve_hyperparameters(args: Any, spec: ModelSpec, method_cls: type,
     Unset `layers` are the MEMIT/AlphaEdit layers (the reference file's, or by relative depth); a method class
     with a `default_layers(spec, locate_then_edit_layers, config)` hook (ROME, FT) picks its own from them, given
     its `method_config`. `use_projection` is on for methods that solve in the null space (`projection =
-    "inherent"`), else as `args.use_projection` says.
+    "inherent"`), else as `args.use_projection` says. Under `preset="reference"` a method class with its own
+    reference files (ROME, NSE) overrides shared values through `reference_hyperparameters(file name) -> {field:
+    value}`.
     """
-    ref = reference_file(spec)
+    ref_name = reference_file_name(spec)
+    ref = REFERENCE_FILES[ref_name]
     reference = args.preset == "reference"
+    method_reference = getattr(method_cls, "reference_hyperparameters", None)
+    overrides = dict(method_reference(ref_name)) if reference and method_reference is not None else {}
     if args.layers is not None:
         layers = tuple(args.layers)
     else:
@@ -115,12 +124,12 @@ def resolve_hyperparameters(args: Any, spec: ModelSpec, method_cls: type,
         value = getattr(args, name)
         if value is not None:
             return value
-        return getattr(ref, name) if reference else auto_value
+        return overrides.get(name, getattr(ref, name)) if reference else auto_value
 
     return ResolvedHyperparameters(
         layers=layers,
         fact_token=args.fact_token,
-        v_lr=args.v_lr if args.v_lr is not None else (ref.v_lr if reference else None),
+        v_lr=pick("v_lr", None),
         v_lr_rms_factor=args.v_lr_rms_factor,
         v_num_grad_steps=pick("v_num_grad_steps", AUTO_V_NUM_GRAD_STEPS),
         v_weight_decay=pick("v_weight_decay", ref.v_weight_decay),
@@ -135,4 +144,6 @@ def resolve_hyperparameters(args: Any, spec: ModelSpec, method_cls: type,
         context_template_count=args.context_template_count,
         use_projection=getattr(method_cls, "projection", "optional") == "inherent" or bool(args.use_projection),
         mend_editor=args.mend_editor,
+        context_template_special_tokens=args.context_template_special_tokens,
+        reference_file=ref_name if reference else None,
     )

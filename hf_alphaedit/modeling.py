@@ -15,7 +15,7 @@ from . import publishing
 from .architectures import resolve_model_spec
 from .arguments import EditingArguments
 from .engine import EditEngine, EditResult
-from .evaluation import evaluate_edits
+from .evaluation import editor_protocol, evaluate_edits
 from .hub import DEFAULT_MODEL, ModelSource, load_model_and_tokenizer
 from .methods import EditContext, EditMethod, NullSpaceBooster, PruneRestraint, get_method_classes
 from .methods.prompts import check_request_lengths, generate_context_templates
@@ -169,7 +169,7 @@ class AlphaEditModel(nn.Module):
             if not self.state.context_templates:
                 self.state.context_templates.extend(generate_context_templates(
                     self.model, self.tokenizer, hp.context_template_length, hp.context_template_count,
-                    self.editing_args.seed))
+                    self.editing_args.seed, keep_special_tokens=hp.context_template_special_tokens))
             if self.engine.forward_mode is None:
                 self.engine.forward_mode = choose_forward_mode(self.model, self.tokenizer, self.spec, hp,
                                                                self.state.context_templates, requests[:2])
@@ -259,19 +259,20 @@ class AlphaEditModel(nn.Module):
 
     def evaluate(self, records_or_dataset: Any, *, baseline: bool | Mapping[str, Any] = False,
                  **kwargs: Any) -> dict[str, Any]:
-        """CounterFact / ZsRE metrics of the model as it is now (`hf_alphaedit.evaluation.evaluate_edits`;
-        `kwargs` go there: `split`, `limit`, `generation`, `batch_tokens`, ...). Stored as `last_evaluation`.
-
-        `baseline=True` also scores the unedited model in the same call, reported under `"pre"`: the exact
-        original weights are swapped in for it and the edited ones restored bit for bit afterwards. A mapping is
-        taken as already computed pre-edit results.
+        """CounterFact / ZsRE metrics of the model as it is now (`hf_alphaedit.evaluation.evaluate_edits`; `kwargs`
+        go there: `split`, `limit`, `live`, `generation`, ...). Stored as `last_evaluation`, with a `protocol` card of
+        this model, its weights and edit history (`protocol=` fields are merged in). `baseline=True` also scores the
+        exact original weights (swapped in for the call; the edited ones restored bit for bit) under `"pre"`; a
+        mapping is taken as already computed pre-edit results.
         """
         with self.engine.lock:
+            card = editor_protocol(self.source, self.state, extra=kwargs.pop("protocol", None))
             if baseline is True:
                 with self.engine.without_edits():
-                    baseline = evaluate_edits(self.model, self.tokenizer, records_or_dataset, **kwargs)
+                    baseline = evaluate_edits(self.model, self.tokenizer, records_or_dataset, **kwargs,
+                                              protocol=editor_protocol(self.source, self.state, unedited=True))
             results = evaluate_edits(self.model, self.tokenizer, records_or_dataset,
-                                     baseline=baseline or None, **kwargs)
+                                     baseline=baseline or None, protocol=card, **kwargs)
             self.last_evaluation = results
             return results
 

@@ -234,10 +234,11 @@ def _base_license(source: ModelSource) -> str | None:
 
 
 def _evaluation(model: AlphaEditModel) -> dict[str, Any]:
-    """`last_evaluation` (set by `evaluate`) as `{"post": {metric: value}, "pre": {...}, "dataset", "split"}`."""
+    """`last_evaluation` (set by `evaluate`) as `{"post": {metric: value}, "pre": {...}, "dataset", "split",
+    "num_records", "protocol"}` (`protocol`: the result's protocol card, `hf_alphaedit.evaluation.protocol`)."""
     evaluation = getattr(model, "last_evaluation", None)
     if evaluation is None:
-        return {"post": {}, "pre": {}, "dataset": None, "split": None, "num_records": None}
+        return {"post": {}, "pre": {}, "dataset": None, "split": None, "num_records": None, "protocol": None}
     if not isinstance(evaluation, Mapping):
         evaluation = evaluation.to_dict() if hasattr(evaluation, "to_dict") else dataclasses.asdict(evaluation)
 
@@ -249,18 +250,40 @@ def _evaluation(model: AlphaEditModel) -> dict[str, Any]:
 
     post = metrics(evaluation.get("post")) or metrics(evaluation)
     pre = metrics(evaluation.get("pre")) or metrics(evaluation.get("baseline"))
+    protocol = evaluation.get("protocol") if isinstance(evaluation.get("protocol"), Mapping) else None
     dataset, split, records = evaluation.get("dataset"), evaluation.get("split"), evaluation.get("num_records")
+    if not isinstance(dataset, str) and protocol:
+        dataset = (protocol.get("dataset") or {}).get("source")
     return {"post": post, "pre": pre, "dataset": dataset if isinstance(dataset, str) else None,
-            "split": split if isinstance(split, str) else None, "num_records": records}
+            "split": split if isinstance(split, str) else None, "num_records": records, "protocol": protocol}
+
+
+def _protocol_args(protocol: Mapping[str, Any]) -> dict[str, Any]:
+    """The protocol card as flat `model-index` metric args (model, weights, edits, schedule, version, time)."""
+    model, editing = protocol.get("model") or {}, protocol.get("editing") or {}
+    schedule, dataset = protocol.get("schedule") or {}, protocol.get("dataset") or {}
+    args = {"model_id": model.get("id"), "model_revision": model.get("revision"),
+            "weights_sha256": model.get("weights_sha256"), "records": dataset.get("records"),
+            "records_sha256": dataset.get("records_sha256"), "num_edits": editing.get("num_edits"),
+            "num_batches": editing.get("num_batches"), "batch_sizes": editing.get("batch_sizes"),
+            "edit_order_sha256": editing.get("edit_order_sha256"), "evaluated_after_batch": schedule.get("after_batch"),
+            "evaluation_timing": schedule.get("timing"), "live_decoding": protocol.get("live_decoding"),
+            "package_version": protocol.get("package_version"), "evaluated_at": protocol.get("evaluated_at")}
+    return {key: value for key, value in args.items() if value is not None}
 
 
 def _eval_results(evaluation: dict[str, Any]) -> list[EvalResult] | None:
     if not evaluation["post"]:
         return None
     dataset = evaluation["dataset"] or "edit-requests"
+    protocol = evaluation["protocol"] or {}
+    dataset_card = protocol.get("dataset") or {}
+    family_of = {name: family for family, names in (protocol.get("metric_families") or {}).items() for name in names}
     return [EvalResult(task_type="knowledge-editing", task_name="Knowledge editing", dataset_type=dataset,
-                       dataset_name=dataset, dataset_split=evaluation["split"], metric_type=name,
-                       metric_name=name.replace("_", " ").title(), metric_value=value)
+                       dataset_name=dataset, dataset_split=evaluation["split"],
+                       dataset_revision=dataset_card.get("file_sha256") or dataset_card.get("records_sha256"),
+                       metric_type=name, metric_name=name.replace("_", " ").title(), metric_value=value,
+                       metric_config=family_of.get(name), metric_args=_protocol_args(protocol) or None)
             for name, value in evaluation["post"].items()]
 
 

@@ -1,7 +1,7 @@
 """Sequential-editing benchmark on the embedded SmolLM2-135M-Instruct (the paper's protocol, ALGORITHMS.md §10.1).
 
-    python scripts/benchmark_sequential.py [--quick] [--num_edits 1000] [--batch_size 100]
-        [--methods alphaedit,memit | all] [--eval_every 0] [--general_examples 100] [--output_dir DIR]
+    python scripts/benchmark_sequential.py [--quick] [--num_edits 1000] [--batch_size 100] [--dataset zsre]
+        [--methods alphaedit,memit | all] [--eval_every 0] [--no_live] [--general_examples 100] [--output_dir DIR]
         [--figures_dir docs/benchmarks] [--mend_editor DIR_OR_REPO] [--single_edits 100]
     python scripts/benchmark_sequential.py --scorer_speedup [--speedup_records 200] [--full_evaluation]
 
@@ -13,13 +13,18 @@ and nse (and any other registered method; `mend` only with `--mend_editor`). `me
 (`--mend_editor`, e.g. the folder `hf-alphaedit train-mend` wrote); `mend+projection` and `mend+prune` are its
 boosted variants.
 
-Editing: the first `num_edits` CounterFact records, in consecutive batches of `batch_size`, applied sequentially to
-one model per method, with key statistics from WikiText-2. After all batches (and every `eval_every` batches) the
-records edited so far are evaluated (efficacy / generalization / specificity, §10.2); the general-capability
-suite (§10.7) runs on the unedited model and after the last batch. Writes into the output folder:
-`base/edits_0000.json`, `<method>/edits_NNNN.json` (one atomic file per checkpoint; existing ones are skipped on a
-rerun, and `<method>/resume/` holds the edited weights after the last finished batch, so a run continues there),
-`results.json`, `results.md` and `metrics_vs_edits.png`, `comparison.png`, `general.png`.
+Editing: the first `num_edits` records of `--dataset` (CounterFact, or ZsRE edited towards `answers[0]` as the
+official code does), in file order and consecutive batches of `batch_size`, applied sequentially to one model per
+method, with key statistics from WikiText-2. After all batches (and every `eval_every` batches) the records edited
+so far are evaluated with `AlphaEditModel.evaluate`: the teacher-forced metrics (CounterFact efficacy /
+generalization / specificity §10.2, or ZsRE token accuracy §10.4) and, beside them, the live-decoding ones (the
+model generates the answer greedily; `live_accuracy` metric card); the general-capability suite (§10.7) runs on
+the unedited model and after the last batch. Every result carries its protocol card (model and the SHA-256 of its
+weights, records and their hash, edit history, when it was measured, metric families, package version).
+Writes into the output folder: `base/edits_0000.json`, `<method>/edits_NNNN.json` (one atomic file per evaluation;
+existing ones are skipped on a rerun, and `<method>/resume/` holds a `hf_alphaedit.checkpointing` checkpoint after
+the last finished batch, so a run continues there), `results.json`, `results.md` and `metrics_vs_edits.png`,
+`comparison.png`, `general.png`.
 
 `--single_edits N` also edits each of the first N records alone into the unedited model (edit, evaluate that
 record, revert), per method, so the collapse of sequential editing shows against what one edit achieves; written to
@@ -45,7 +50,13 @@ from typing import Any
 import torch
 
 from hf_alphaedit import AlphaEditModel, EditingArguments, list_methods
-from hf_alphaedit.checkpointing import latest_checkpoint, load_checkpoint, restore_checkpoint, save_checkpoint
+from hf_alphaedit.checkpointing import (
+    latest_checkpoint,
+    load_checkpoint,
+    restore_checkpoint,
+    run_identity,
+    save_checkpoint,
+)
 from hf_alphaedit.evaluation import evaluate_edits, evaluate_general, load_edit_records
 from hf_alphaedit.evaluation.scorer import encode_prompt, encode_target, inference
 from hf_alphaedit.forward import right_pad
@@ -55,6 +66,8 @@ from hf_alphaedit.requests import as_edit_requests
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+DATASETS = {"counterfact": DATA / "counterfact" / "counterfact-edit.json",
+            "zsre": DATA / "zsre" / "zsre_mend_train-1k.json"}
 EDIT_METRICS = ("efficacy", "generalization", "specificity")
 COMPARISON = ("alphaedit", "memit", "memit+projection", "memit+prune", "alphaedit+prune", "rome", "ft+unconstrained",
               "nse")
@@ -104,7 +117,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--general_examples", type=int, default=100,
                         help="Examples per general task (the reference uses 100; 0 skips the suite).")
     parser.add_argument("--statistics_samples", type=int, default=100000)
-    parser.add_argument("--records", default=str(DATA / "counterfact" / "counterfact-edit.json"))
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="counterfact",
+                        help="CounterFact (probability comparisons, §10.2) or ZsRE (token accuracy, §10.4).")
+    parser.add_argument("--records", default=None, help="Records file (default: the --dataset file in ../shared).")
+    parser.add_argument("--no_live", dest="live", action="store_false",
+                        help="Skip the live-decoding metrics (greedy generation of every answer).")
     parser.add_argument("--general_dir", default=str(DATA / "general"))
     parser.add_argument("--statistics_corpus", default=str(DATA / "wikitext-2" / "valid.txt"))
     parser.add_argument("--output_dir", default=None,
@@ -121,7 +138,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="With --scorer_speedup: also time the batched evaluation of every record in --records.")
     args = parser.parse_args(argv)
     args.num_edits = args.num_edits or (200 if args.quick else 1000)
-    suffix = "_quick" if args.quick else ""
+    args.records = args.records or str(DATASETS[args.dataset])
+    suffix = ("_quick" if args.quick else "") + ("_zsre" if args.dataset == "zsre" else "")
     args.output_dir = Path(args.output_dir or ROOT / "outputs" / f"benchmark_sequential{suffix}")
     if args.methods == "all":
         compared = {name.split("+")[0] for name in COMPARISON}
@@ -131,6 +149,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in args.methods:
         variant_arguments(name, args.mend_editor)
+    if args.single_edits and args.dataset != "counterfact":
+        raise SystemExit("--single_edits scores CounterFact's efficacy/generalization/specificity; drop it or use "
+                         "--dataset counterfact.")
     return args
 
 
@@ -143,35 +164,47 @@ def write_json(path: Path, content: Any) -> None:
     os.replace(tmp, path)
 
 
+def portable(value: Any) -> str:
+    """A setting as text, with paths on this machine written relative to the project root."""
+    text = str(value)
+    for folder, replacement in ((ROOT, ""), (ROOT.parent, "../")):
+        if text.startswith(f"{folder}/"):
+            return replacement + text[len(str(folder)) + 1:]
+    return text
+
+
 def checkpoint_path(output_dir: Path, name: str, edits: int) -> Path:
     return output_dir / name / f"edits_{edits:04d}.json"
 
 
-def evaluate_checkpoint(model: AlphaEditModel, records: list[dict], args: argparse.Namespace,
-                        general: bool) -> dict[str, Any]:
+def metric_names(dataset: str, family: str) -> list[str]:
+    """Result keys of efficacy, generalization, specificity for a dataset and a family ('teacher_forced' or
+    'live'): e.g. 'efficacy', 'live_efficacy', 'zsre_efficacy', 'zsre_live_efficacy'."""
+    prefix = ("zsre_" if dataset == "zsre" else "") + ("live_" if family == "live" else "")
+    return [prefix + metric for metric in EDIT_METRICS]
+
+
+def schedule(args: argparse.Namespace, num_batches: int, edited: int) -> dict[str, Any]:
+    """The `schedule` part of a checkpoint's protocol card."""
+    timing = {0: "after all batches (the paper's protocol)", 1: "after every batch"}.get(
+        args.eval_every, f"after every {args.eval_every} batches and after the last")
+    return {"of_batches": num_batches, "timing": timing,
+            "records": f"the first {edited} records of the file: every record edited so far"}
+
+
+def evaluate_checkpoint(model: AlphaEditModel, edited: int, args: argparse.Namespace, *, general: bool,
+                        protocol: dict[str, Any]) -> dict[str, Any]:
+    """Edit metrics (teacher-forced and live, with their protocol card) of the first `edited` records, and the
+    general suite when `general`."""
     result: dict[str, Any] = {"num_edits": model.state.num_edits}
-    result["edit_metrics"] = evaluate_edits(model.model, model.tokenizer, records)
+    result["edit_metrics"] = model.evaluate(args.records, limit=edited, live=args.live, show_progress=False,
+                                            protocol=protocol)
     if general and args.general_examples > 0:
         start = time.perf_counter()
         result["general"] = evaluate_general(model.model, model.tokenizer, args.general_dir,
                                              num_examples=args.general_examples)
         result["general_seconds"] = time.perf_counter() - start
     return result
-
-
-def save_resume(model: AlphaEditModel, directory: Path) -> None:
-    """The run after its last finished batch, as an atomic checkpoint (`hf_alphaedit.checkpointing`)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model, directory, {"method": model.editing_args.method})
-
-
-def load_resume(model: AlphaEditModel, directory: Path) -> bool:
-    """Continue from the checkpoint `save_resume` wrote, if there is one."""
-    checkpoint = latest_checkpoint(directory) if directory.is_dir() else None
-    if checkpoint is None:
-        return False
-    restore_checkpoint(model, load_checkpoint(checkpoint))
-    return True
 
 
 def run_method(method: str, records: list[dict], args: argparse.Namespace) -> None:
@@ -184,12 +217,14 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
         return
     model = load_method(method, args, args.batch_size)
     resume = args.output_dir / method / "resume"
-    done_batches = 0
-    if load_resume(model, resume):
-        done_batches = model.state.num_edits // args.batch_size
+    resume.mkdir(parents=True, exist_ok=True)
+    run = run_identity(model, as_edit_requests(records, batch_size=args.batch_size))
+    saved = latest_checkpoint(resume)
+    if saved is not None:
+        restore_checkpoint(model, load_checkpoint(saved))
         print(f"[{method}] resuming after {model.state.num_edits} edits")
     edit_seconds = sum(sum(b.timings.values()) for b in model.state.batches)
-    for batch in range(done_batches + 1, num_batches + 1):
+    for batch in range(len(model.state.batches) + 1, num_batches + 1):
         chunk = records[(batch - 1) * args.batch_size : batch * args.batch_size]
         result = model.edit(chunk, batch_size=args.batch_size)
         edit_seconds += result.seconds
@@ -197,13 +232,16 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
         print(f"[{method}] batch {batch}/{num_batches}: {result.seconds:.0f}s ({edit_seconds:.0f}s so far)", flush=True)
         path = checkpoint_path(args.output_dir, method, edited)
         if batch in checkpoints and not path.exists():
-            result_dict = evaluate_checkpoint(model, records[:edited], args, general=batch == num_batches)
+            result_dict = evaluate_checkpoint(model, edited, args, general=batch == num_batches,
+                                              protocol={"schedule": schedule(args, num_batches, edited)})
             result_dict.update(method=method, batch_size=args.batch_size, edit_seconds=edit_seconds)
             write_json(path, result_dict)
+            metrics = result_dict["edit_metrics"]
             print(f"[{method}] {edited} edits: " + ", ".join(
-                f"{m} {result_dict['edit_metrics'][m]:.1f}" for m in EDIT_METRICS), flush=True)
+                f"{m} {metrics[m]:.1f}" for m in metric_names(args.dataset, "teacher_forced")
+                + (metric_names(args.dataset, "live") if args.live else [])), flush=True)
         if batch != num_batches:
-            save_resume(model, resume)
+            save_checkpoint(model, resume, run)
 
 
 def load_method(method: str, args: argparse.Namespace, batch_size: int) -> AlphaEditModel:
@@ -247,28 +285,57 @@ def collect(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     return runs
 
 
+def general_tasks(result: dict[str, Any]) -> list[str]:
+    """The task names of a result's general-capability scores (not the average or the protocol card)."""
+    return [t for t in result["general"] if t not in ("average", "protocol")]
+
+
+def protocol_summary(result: dict[str, Any]) -> str:
+    """One sentence from a result's protocol card."""
+    card = result["edit_metrics"]["protocol"]
+    model, dataset, editing = card["model"], card["dataset"], card.get("editing") or {}
+    sizes = sorted(set(editing.get("batch_sizes") or []))
+    return (f"Protocol card: {model['id']} ({model.get('origin')}, weights `{model['weights_sha256'][:12]}…`), "
+            f"records {dataset['records'][0]}–{dataset['records'][1]} of `{dataset['source']}` "
+            f"(`{dataset.get('file_sha256', '')[:19]}…`) in file order, {editing.get('num_edits')} edits in "
+            f"{editing.get('num_batches')} batch(es) of {', '.join(map(str, sizes))}, evaluated "
+            f"{card['schedule']['timing']} on every record edited so far, metric families "
+            f"{', '.join(card['metric_families'])}, hf_alphaedit {card['package_version']}.")
+
+
 def markdown_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
     base = runs["base"][0] if runs["base"] else None
-    lines = [f"Sequential editing of SmolLM2-135M-Instruct: {args.num_edits} CounterFact edits in batches of "
-             f"{args.batch_size}; metrics on all edited records after the last batch (percent; mean ± std).", "",
-             "| method | edits | efficacy | generalization | specificity | score | general F1 (avg) | edit time |",
-             "|---|---|---|---|---|---|---|---|"]
+    name = {"counterfact": "CounterFact", "zsre": "ZsRE"}[args.dataset]
+    teacher, live = metric_names(args.dataset, "teacher_forced"), metric_names(args.dataset, "live")
+    has_score = args.dataset == "counterfact"
+    headers = [f"{m} (TF / live)" for m in EDIT_METRICS] + (["score (TF / live)"] if has_score else [])
+    lines = [f"Sequential editing of SmolLM2-135M-Instruct: {args.num_edits} {name} edits in batches of "
+             f"{args.batch_size}; metrics on all edited records after the last batch (percent, mean over records): "
+             "teacher-forced (TF) / live decoding (greedy generation).", "",
+             "| method | edits | " + " | ".join(headers) + " | general F1 (avg) | edit time |",
+             "|---" * (len(headers) + 4) + "|"]
 
-    def row(name: str, result: dict[str, Any]) -> str:
+    def pair(metrics: dict[str, Any], tf_key: str, live_key: str) -> str:
+        live_value = metrics.get(live_key)
+        return f"{metrics[tf_key]:.1f} / " + (f"{live_value:.1f}" if live_value is not None else "–")
+
+    def row(label: str, result: dict[str, Any]) -> str:
         m = result["edit_metrics"]
-        cells = [f"{m[k]:.1f} ± {m[k + '_std']:.1f}" for k in EDIT_METRICS]
+        cells = [pair(m, t, v) for t, v in zip(teacher, live, strict=True)]
+        if has_score:
+            cells.append(pair(m, "score", "live_score"))
         general = result.get("general", {}).get("average", {}).get("f1")
         general_cell = f"{general:.3f}" if general is not None else "–"
         seconds = result.get("edit_seconds")
-        return (f"| {name} | {result['num_edits']} | " + " | ".join(cells) + f" | {m['score']:.1f} | {general_cell} | "
+        return (f"| {label} | {result['num_edits']} | " + " | ".join(cells) + f" | {general_cell} | "
                 + (f"{seconds:.0f} s |" if seconds else "– |"))
 
     if base:
         lines.append(row("unedited", base))
-    for method in args.methods:
-        finals = [r for r in runs[method] if r["num_edits"] == args.num_edits]
-        if finals:
-            lines.append(row(method, finals[0]))
+    finals = [(method, r) for method in args.methods for r in runs[method] if r["num_edits"] == args.num_edits]
+    lines += [row(method, result) for method, result in finals]
+    if finals:
+        lines += ["", protocol_summary(finals[0][1])]
     singles = [(method, json.loads(path.read_text())) for method in args.methods
                for path in sorted((args.output_dir / method).glob("single_edits_*.json"))]
     if singles:
@@ -280,13 +347,12 @@ def markdown_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespa
             lines.append(f"| {method} | {single['num_records']} | " + " | ".join(f"{mean[m]:.1f}" for m in EDIT_METRICS)
                          + f" | {mean['score']:.1f} | {single['edit_seconds'] / single['num_records']:.2f} s |")
     if base and "general" in base:
-        tasks = [t for t in base["general"] if t != "average"]
+        tasks = general_tasks(base)
         lines += ["", "General capability (weighted F1 of the log-likelihood answers, "
                   f"{args.general_examples} examples per task):", "",
                   "| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-        for name, result in [("unedited", base)] + [
-                (m, r) for m in args.methods for r in runs[m] if r["num_edits"] == args.num_edits and "general" in r]:
-            lines.append(f"| {name} | " + " | ".join(f"{result['general'][t]['f1']:.3f}" for t in tasks) + " |")
+        for label, result in [("unedited", base)] + [(m, r) for m, r in finals if "general" in r]:
+            lines.append(f"| {label} | " + " | ".join(f"{result['general'][t]['f1']:.3f}" for t in tasks) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -296,42 +362,55 @@ def plot(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    teacher, live = metric_names(args.dataset, "teacher_forced"), metric_names(args.dataset, "live")
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     base = runs["base"][0] if runs["base"] else None
-    for axis, metric in zip(axes, EDIT_METRICS, strict=True):
-        for method in args.methods:
-            points = sorted((r["num_edits"], r["edit_metrics"][metric]) for r in runs[method])
-            if points:
-                axis.plot(*zip(*points, strict=True), marker="o", label=method)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for axis, metric, tf_key, live_key in zip(axes, EDIT_METRICS, teacher, live, strict=True):
+        for index, method in enumerate(args.methods):
+            color = colors[index % len(colors)]
+            for key, style, marker, label in ((tf_key, "-", "o", method), (live_key, "--", "s", f"{method} (live)")):
+                points = sorted((r["num_edits"], r["edit_metrics"][key]) for r in runs[method]
+                                if key in r["edit_metrics"])
+                if points:
+                    axis.plot(*zip(*points, strict=True), marker=marker, linestyle=style, color=color, label=label)
         if base:
-            axis.axhline(base["edit_metrics"][metric], color="grey", linestyle="--", label="unedited")
-        axis.set(title=metric, xlabel="number of edits", ylabel="percent", ylim=(0, 100))
-    axes[0].legend(fontsize="small")
+            for key, style in ((tf_key, "--"), (live_key, ":")):
+                if key in base["edit_metrics"]:
+                    axis.axhline(base["edit_metrics"][key], color="grey", linestyle=style,
+                                 label="unedited" + (" (live)" if key == live_key else ""))
+        axis.set(title=f"{metric} (solid: teacher-forced, dashed: live)", xlabel="number of edits",
+                 ylabel="percent", ylim=(0, 100))
+        axis.title.set_fontsize("small")
+    axes[0].legend(fontsize="x-small")
     figure.tight_layout()
     figure.savefig(args.output_dir / "metrics_vs_edits.png", dpi=120)
     plt.close(figure)
 
     finals = [("unedited", base)] if base else []
     finals += [(m, r) for m in args.methods for r in runs[m] if r["num_edits"] == args.num_edits]
-    bars = [(metric, lambda r, metric=metric: r["edit_metrics"][metric]) for metric in EDIT_METRICS]
+    bars = [(f"{metric}{suffix}", lambda r, key=key: r["edit_metrics"].get(key, 0.0))
+            for keys, suffix in ((teacher, ""), (live, " (live)")) for metric, key in zip(EDIT_METRICS, keys,
+                                                                                       strict=True)]
     if all("general" in r for _, r in finals):
         bars.append(("general (mean accuracy)", lambda r: r["general"]["average"]["accuracy"]))
-    figure, axis = plt.subplots(figsize=(max(8.0, 1.3 * len(finals)), 4.0))
+    figure, axis = plt.subplots(figsize=(max(8.0, 1.6 * len(finals)), 4.2))
     width = 0.8 / len(bars)
     for i, (label, value) in enumerate(bars):
-        axis.bar([m + i * width for m in range(len(finals))], [value(r) for _, r in finals], width, label=label)
+        axis.bar([m + i * width for m in range(len(finals))], [value(r) for _, r in finals], width, label=label,
+                 hatch="//" if label.endswith("(live)") else None)
     axis.set_xticks([m + width * (len(bars) - 1) / 2 for m in range(len(finals))], [n for n, _ in finals],
                     rotation=20)
-    axis.set(ylabel="percent", ylim=(0, 115), yticks=range(0, 101, 20),
+    axis.set(ylabel="percent", ylim=(0, 125), yticks=range(0, 101, 20),
              title=f"after {args.num_edits} sequential edits (batches of {args.batch_size})")
-    axis.legend(fontsize="small", ncols=len(bars), loc="upper center")
+    axis.legend(fontsize="x-small", ncols=4, loc="upper center")
     figure.tight_layout()
     figure.savefig(args.output_dir / "comparison.png", dpi=120)
     plt.close(figure)
 
     if not (base and "general" in base):
         return
-    tasks = [t for t in base["general"] if t != "average"]
+    tasks = general_tasks(base)
     models = [("unedited", base)] + [(m, r) for m in args.methods for r in runs[m]
                                       if r["num_edits"] == args.num_edits and "general" in r]
     figure, axis = plt.subplots(figsize=(11, 3.8))
@@ -372,9 +451,8 @@ def scorer_speedup(args: argparse.Namespace) -> None:
     model = AlphaEditModel.from_pretrained()
     records = load_edit_records(args.records, limit=args.speedup_records)
     evaluate_edits(model.model, model.tokenizer, records[:8])  # warm-up (metric modules, allocator)
-    start = time.perf_counter()
     batched = evaluate_edits(model.model, model.tokenizer, records, per_record=True)
-    batched_seconds = time.perf_counter() - start
+    batched_seconds = batched["seconds"]  # scoring and summaries; the protocol card (weight hashing) comes after
     start = time.perf_counter()
     loop_nll = reference_loop_nll(model.model, model.tokenizer, records)
     loop_seconds = time.perf_counter() - start
@@ -387,7 +465,8 @@ def scorer_speedup(args: argparse.Namespace) -> None:
         "batched_seconds": batched_seconds, "loop_seconds": loop_seconds,
         "batched_records_per_second": len(records) / batched_seconds,
         "loop_records_per_second": len(records) / loop_seconds, "speedup": loop_seconds / batched_seconds,
-        "max_abs_nll_difference": max(abs(a - b) for a, b in zip(batched_nll, loop_nll, strict=True))}
+        "max_abs_nll_difference": max(abs(a - b) for a, b in zip(batched_nll, loop_nll, strict=True)),
+        "protocol": batched["protocol"]}
     if args.full_evaluation:
         everything = load_edit_records(args.records)
         full = evaluate_edits(model.model, model.tokenizer, everything, show_progress=True)
@@ -409,21 +488,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     base_path = checkpoint_path(args.output_dir, "base", 0)
     if not base_path.exists():
         model = AlphaEditModel.from_pretrained()
-        write_json(base_path, {"method": "unedited", **evaluate_checkpoint(model, records, args, general=True)})
+        before = {"schedule": {"timing": "before editing", "records": f"the first {len(records)} records of the "
+                               "file: every record the methods edit"}}
+        write_json(base_path, {"method": "unedited", **evaluate_checkpoint(model, len(records), args, general=True,
+                                                                           protocol=before)})
         del model
     for method in args.methods:
         run_method(method, records, args)
         if args.single_edits:
             run_single_edits(method, records[:args.single_edits], args)
     runs = collect(args)
-    write_json(args.output_dir / "results.json", {"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs})
+    write_json(args.output_dir / "results.json", {"args": {k: portable(v) for k, v in vars(args).items()},
+                                                  "runs": runs})
     table = markdown_table(runs, args)
     (args.output_dir / "results.md").write_text(table)
     plot(runs, args)
     if args.figures_dir:
         figures = Path(args.figures_dir)
         figures.mkdir(parents=True, exist_ok=True)
-        for name in ("results.md", "metrics_vs_edits.png", "comparison.png", "general.png"):
+        for name in ("results.md", "results.json", "metrics_vs_edits.png", "comparison.png", "general.png"):
             if (args.output_dir / name).exists():
                 shutil.copy2(args.output_dir / name, figures / name)
     print(table)

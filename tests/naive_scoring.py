@@ -1,7 +1,8 @@
-"""The reference's scoring, written the slow obvious way: one unpadded forward per (prompt, target) pair.
+"""The reference's scoring and greedy decoding, written the slow obvious way: one unpadded forward per (prompt,
+target) pair, and the whole sequence through the model for every new token.
 
-Tests compare the batched scorer against it and use it to read the real model's probabilities independently of
-the package's own evaluation code.
+Tests compare the batched scorer and decoder against them and use them to read the real model's probabilities
+independently of the package's own evaluation code.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ def naive_scores(model: Any, pairs: Sequence[tuple[list[int], list[int]]]) -> tu
             nll.append(-sum(log_probs[p, t].item() for p, t in zip(positions, target, strict=True)) / len(target))
             correct.append(tuple(int(logits[p].argmax()) == t for p, t in zip(positions, target, strict=True)))
     return nll, correct
+
+
+def naive_greedy(model: Any, prompt: Sequence[int], steps: int) -> list[int]:
+    """The `steps` greedy (argmax) tokens after `prompt`, without padding or a KV cache."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
 
 
 def rewrite_log_probs(model: Any, tokenizer: Any, records: Sequence[dict], target_field: str) -> torch.Tensor:

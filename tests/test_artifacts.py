@@ -21,9 +21,9 @@ from hf_alphaedit.artifacts import (
     ArtifactError,
     CorruptArtifactError,
     default_artifact_repo_id,
-    file_sha256,
     statistics_path,
 )
+from hf_alphaedit.fingerprint import file_sha256
 from hf_alphaedit.hub import ModelSource
 from hf_alphaedit.statistics import collect_key_statistics
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer

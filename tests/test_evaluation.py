@@ -1,7 +1,9 @@
-"""The batched scorer against a naive per-pair loop, the runner on tiny models, and one real SmolLM2 run."""
+"""The batched scorer and decoder against naive loops, the runner (teacher-forced, live, fluency, protocol cards) on
+tiny models, and one real SmolLM2 run."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -9,7 +11,12 @@ import torch
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
+import hf_alphaedit
 from hf_alphaedit.evaluation import (
+    REFERENCE_SAMPLING,
+    LiveDecoding,
+    Sampling,
+    decode,
     encode_prompt,
     encode_target,
     evaluate_edits,
@@ -18,7 +25,8 @@ from hf_alphaedit.evaluation import (
     score_continuations,
 )
 from hf_alphaedit.evaluation.scorer import leading_special_ids
-from tests.naive_scoring import naive_scores
+from hf_alphaedit.fingerprint import weights_sha256
+from tests.naive_scoring import naive_greedy, naive_scores
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
 PROMPTS = ["The small robot in our lab speaks", "Paris is the capital of", "The Eiffel Tower is in",
@@ -102,13 +110,16 @@ def test_new_target_as_argmax_gives_full_success_and_accuracy(shared_data):
     zsre = [dict(r, answers=["the"]) for r in zsre]
     handle = _boost_token(model, token_id)
     try:
-        counterfact = evaluate_edits(model, tokenizer, records)
-        zsre_result = evaluate_edits(model, tokenizer, zsre)
+        counterfact = evaluate_edits(model, tokenizer, records, live=True)
+        zsre_result = evaluate_edits(model, tokenizer, zsre, live=True)
     finally:
         handle.remove()
     assert counterfact["efficacy"] == 100 and counterfact["rewrite_acc"] == 100
     assert counterfact["generalization"] == 100 and counterfact["specificity"] == 0
     assert zsre_result["zsre_efficacy"] == 100 and zsre_result["zsre_generalization"] == 100
+    # It also generates "the the the ...", which starts with the target: live success, and no true answer.
+    assert counterfact["live_efficacy"] == 100 and counterfact["live_specificity"] == 0
+    assert zsre_result["zsre_live_efficacy"] == 100 and zsre_result["zsre_live_specificity"] == 0
 
 
 def test_zsre_token_accuracy_uses_the_questions_with_a_question_mark_for_nq(shared_data):
@@ -138,17 +149,180 @@ def test_records_without_a_true_target_cannot_be_read_as_counterfact():
         evaluate_edits(model, tokenizer, [request], kind="counterfact")
 
 
-def test_generation_is_seeded_and_feeds_fluency(shared_data):
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "opt", "gptj", "falcon"])
+def test_batched_greedy_decoding_equals_a_naive_loop(family):
+    """Left padding, position ids, the KV cache and per-row budgets change nothing (several batches of
+    different widths; the Gemma-2 prompts are longer than its sliding window)."""
+    model, tokenizer = tiny_causal_lm(family), tiny_tokenizer()
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS + [" ".join(PROMPTS)]]
+    budgets = [5, 1, 7, 3, 6]
+    new = decode(model, prompts, budgets, pad_id=tokenizer.pad_token_id, batch_tokens=60)
+    assert new == [naive_greedy(model, p, b) for p, b in zip(prompts, budgets, strict=True)]
+
+
+def test_sampler_draws_from_the_top_k_only_and_is_seeded():
+    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS]
+    sampling = Sampling(top_k=3, seed=7)
+    new = decode(model, prompts, [6] * len(prompts), pad_id=0, sampling=sampling)
+    assert new == decode(model, prompts, [6] * len(prompts), pad_id=0, sampling=sampling)
+    assert new != decode(model, prompts, [6] * len(prompts), pad_id=0, sampling=Sampling(top_k=3, seed=8))
+    assert decode(model, prompts, [6] * 4, pad_id=0, sampling=Sampling(top_k=1, seed=3)) == decode(
+        model, prompts, [6] * 4, pad_id=0)
+    with torch.no_grad():
+        for prompt, tokens in zip(prompts, new, strict=True):
+            logits = model(torch.tensor([prompt + tokens])).logits[0]
+            for step, token in enumerate(tokens):
+                assert token in logits[len(prompt) + step - 1].topk(3).indices.tolist()
+    with pytest.raises(ValueError, match="top_k"):
+        Sampling(top_k=0)
+
+
+def test_decoding_time_bound_keeps_the_first_token_and_refuses_non_positive_seconds():
+    """`max_seconds` (the Space's answer bound) stops a batch after the token that passes it, like transformers'
+    `max_time`: a bound no step can meet leaves one token per row, a prefix of the unbounded decoding."""
+    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS]
+    unbounded = decode(model, prompts, [6] * len(prompts), pad_id=0)
+    assert decode(model, prompts, [6] * len(prompts), pad_id=0, max_seconds=1e-9) == [row[:1] for row in unbounded]
+    with pytest.raises(ValueError, match="max_seconds=0"):
+        decode(model, prompts, [6] * len(prompts), pad_id=0, max_seconds=0)
+
+
+def test_fluency_texts_ignore_the_models_generation_config():
+    """ALGORITHMS.md §10.3: top-k 5, temperature 1, no top-p, no penalty, fixed length; whatever the model's own
+    generation_config says (here Llama-3-Instruct's 0.6 / 0.9 and more)."""
+    from transformers import GenerationConfig
+
     model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
     prompts = ["Paris is the capital of", "The"]
-    first = generate_texts(model, tokenizer, prompts, max_length=12, seed=3)
-    assert first == generate_texts(model, tokenizer, prompts, max_length=12, seed=3)
-    assert all(text.startswith(prompt) for text, prompt in zip(first, prompts, strict=True))
-    greedy = [generate_texts(model, tokenizer, prompts, max_length=12, do_sample=False, seed=s) for s in (1, 2)]
-    assert greedy[0] == greedy[1] and greedy[0] != first
+    neutral = generate_texts(model, tokenizer, prompts, max_length=16, sampling=Sampling(top_k=5, seed=3))
+    model.generation_config = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, top_k=50,
+                                               repetition_penalty=1.5, no_repeat_ngram_size=2, max_length=8,
+                                               eos_token_id=[0, 5, 6], min_new_tokens=2)
+    assert generate_texts(model, tokenizer, prompts, max_length=16, sampling=Sampling(top_k=5, seed=3)) == neutral
+    assert all(text.startswith(prompt) for text, prompt in zip(neutral, prompts, strict=True))
+
+
+def test_fluency_sampling_runs_to_the_fixed_length_past_eos():
+    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+    prompt = encode_prompt(tokenizer, "Paris is the capital of")
+    handle = _boost_token(model, tokenizer.eos_token_id)
+    try:
+        assert decode(model, [prompt], [9], pad_id=0, sampling=REFERENCE_SAMPLING) == [[tokenizer.eos_token_id] * 9]
+        assert decode(model, [prompt], [9], pad_id=0, stop_ids=[tokenizer.eos_token_id]) == [[]]
+    finally:
+        handle.remove()
+
+
+def test_generation_is_seeded_and_feeds_fluency(shared_data):
+    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
     result = evaluate_edits(model, tokenizer, _flat_records(shared_data, 2), generation=True,
-                            max_generation_records=1, generation_length=48)
+                            max_generation_records=1, generation_length=48, seed=4)
     assert result["fluency"] > 0 and result["fluency_std"] == 0
+    again = evaluate_edits(model, tokenizer, _flat_records(shared_data, 2), generation=True,
+                           max_generation_records=1, generation_length=48, seed=4)
+    assert again["fluency"] == result["fluency"]
+    assert result["protocol"]["metric_families"]["sampled_generation"] == ["fluency"]
+
+
+def _greedy_words(model, tokenizer, prompt):
+    """The model's greedy continuation of `prompt` up to where its next token starts a new word."""
+    tokens = decode(model, [encode_prompt(tokenizer, prompt)], [20], pad_id=0)[0]
+    end = next(i for i in range(1, len(tokens)) if tokenizer.decode(tokens[i : i + 1]).startswith(" "))
+    return tokenizer.decode(tokens[:end])
+
+
+def test_live_metrics_score_what_the_model_generates(shared_data):
+    """A target the model generates greedily is a live success (whether or not teacher forcing agrees), any
+    other target a failure; neighbourhood success is the true answer still being generated."""
+    model, tokenizer = tiny_causal_lm("qwen2"), tiny_tokenizer()
+    records = _flat_records(shared_data, 2)
+    records[0] = dict(records[0], target_new=_greedy_words(model, tokenizer, records[0]["prompt"]).upper() + ".",
+                      locality_ground_truth=_greedy_words(model, tokenizer, records[0]["locality_prompt"]))
+    records[1] = dict(records[1], target_new="Rome")
+    result = evaluate_edits(model, tokenizer, records, live=True, per_record=True)
+    assert (result["live_efficacy"], result["live_specificity"]) == (50.0, 50.0)
+    assert result["records"][0]["rewrite_live"][0].startswith(records[0]["target_new"][:-1].lower().strip())
+    assert "rewrite_new_nll" in result["records"][0]  # both families' details in one record entry
+    families = result["protocol"]["metric_families"]
+    assert "live_efficacy" in families["live_greedy"] and "efficacy" in families["teacher_forced"]
+    assert result["protocol"]["live_decoding"]["match"] == "prefix"
+    contains = evaluate_edits(model, tokenizer, records, live=LiveDecoding(match="contains"))
+    assert contains["live_efficacy"] >= result["live_efficacy"]
+    with pytest.raises(ValueError, match="LiveDecoding.match"):
+        LiveDecoding(match="exact")
+
+
+def test_protocol_card_names_weights_records_and_families(shared_data):
+    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+    path = shared_data / "counterfact" / "counterfact-edit.json"
+    result = evaluate_edits(model, tokenizer, path, limit=3)
+    card = result["protocol"]
+    assert card["dataset"]["source"] == "counterfact-edit.json"
+    assert card["dataset"]["file_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert card["dataset"]["records"] == [0, 3]
+    assert card["model"]["weights_sha256"] == weights_sha256(model)
+    assert card["package_version"] == hf_alphaedit.__version__ and card["evaluated_at"]
+    assert set(card["metric_families"]) == {"teacher_forced"} and "live_decoding" not in card
+    fingerprint = card["model"]["weights_sha256"]
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-7  # one element, below display precision
+    assert weights_sha256(model) != fingerprint
+    same_records = evaluate_edits(model, tokenizer, _flat_records(shared_data, 3))["protocol"]["dataset"]
+    assert same_records["records_sha256"] == card["dataset"]["records_sha256"]
+
+
+def test_pre_is_measured_on_the_unedited_weights(corpus, shared_data, tmp_path):
+    """`evaluate(baseline=True)` scores the exact original weights (the engine keeps them): the same weights, bit
+    for bit, and the same numbers as a freshly built copy of the base model; its protocol card says so."""
+    from hf_alphaedit import AlphaEditModel, EditingArguments
+
+    args = EditingArguments(statistics_corpus=str(corpus / "corpus.txt"), statistics_samples=60,
+                            statistics_cache_dir=str(tmp_path / "stats"), disable_tqdm=True, v_num_grad_steps=8,
+                            v_lr=0.5, batch_size=2)
+    editor = AlphaEditModel(tiny_causal_lm("llama"), tiny_tokenizer(), args)
+    records = _flat_records(shared_data, 4)
+    editor.edit(records[:2])
+    editor.edit(records[2:])
+    result = editor.evaluate(records, baseline=True, live=True)
+    fresh = evaluate_edits(tiny_causal_lm("llama"), tiny_tokenizer(), records, live=True)
+    assert result["pre"]["efficacy_magnitude"] != result["efficacy_magnitude"]  # the edits did change something
+    for name, value in fresh.items():
+        if isinstance(value, float) and name not in ("seconds", "records_per_second"):
+            assert result["pre"][name] == value, name
+    pre_card, card = result["pre"]["protocol"], result["protocol"]
+    assert pre_card["model"]["weights_sha256"] == fresh["protocol"]["model"]["weights_sha256"]
+    assert pre_card["editing"]["num_edits"] == 0 and "exact original weights" in pre_card["editing"]["weights"]
+    assert card["editing"]["num_edits"] == 4 and card["editing"]["batch_sizes"] == [2, 2]
+    assert card["schedule"]["after_batch"] == 2
+    assert card["model"]["weights_sha256"] != pre_card["model"]["weights_sha256"]
+    with pytest.raises(ValueError, match="same weights_sha256"):
+        editor.evaluate(records, baseline=dict(result, protocol=card))
+
+
+def test_model_card_model_index_carries_the_protocol(corpus, shared_data, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from hf_alphaedit import AlphaEditModel, EditingArguments
+
+    args = EditingArguments(statistics_corpus=str(corpus / "corpus.txt"), statistics_samples=60,
+                            statistics_cache_dir=str(tmp_path / "stats"), disable_tqdm=True, v_num_grad_steps=8,
+                            v_lr=0.5)
+    editor = AlphaEditModel(tiny_causal_lm("llama"), tiny_tokenizer(), args)
+    path = shared_data / "counterfact" / "counterfact-edit.json"
+    editor.edit(_flat_records(shared_data, 2))
+    result = editor.evaluate(path, limit=2, live=True)
+    card = ModelCard.load(editor.save_pretrained(tmp_path / "edited") / "README.md")
+    by_metric = {r.metric_type: r for r in card.data.eval_results}
+    assert by_metric["efficacy"].metric_config == "teacher_forced"
+    assert by_metric["live_efficacy"].metric_config == "live_greedy"
+    args_of = by_metric["live_efficacy"].metric_args
+    assert args_of["weights_sha256"] == result["protocol"]["model"]["weights_sha256"]
+    assert (args_of["num_edits"], args_of["records"], args_of["package_version"]) == (2, [0, 2], hf_alphaedit.__version__)
+    assert by_metric["efficacy"].dataset_revision == result["protocol"]["dataset"]["file_sha256"]
+    assert by_metric["efficacy"].dataset_name == "counterfact-edit.json"
+    assert f"Protocol: weights `{result['protocol']['model']['weights_sha256'][:16]}…`" in card.text and str(tmp_path) not in card.text
 
 
 def test_general_suite_scores_every_task_and_reference_compat_inverts_rte(shared_data):
@@ -156,8 +330,11 @@ def test_general_suite_scores_every_task_and_reference_compat_inverts_rte(shared
     general = shared_data / "general"
     result = evaluate_general(model, tokenizer, general, num_examples=6)
     assert set(result) == {"sst2", "mrpc", "cola", "rte", "nli", "mmlu", "sentiment_analysis", "dialogue",
-                           "average"}
-    assert all(result[t]["total"] == 6 for t in result if t != "average")
+                           "average", "protocol"}
+    assert all(result[t]["total"] == 6 for t in result if t not in ("average", "protocol"))
+    card = result["protocol"]
+    assert card["model"]["weights_sha256"] == weights_sha256(model) and card["dataset"]["records"] == [0, 6]
+    assert card["dataset"]["file_sha256"]["rte"] == hashlib.sha256((general / "rte.json").read_bytes()).hexdigest()
     compat = evaluate_general(model, tokenizer, general, tasks=["rte"], num_examples=6, reference_compat=True)
     assert compat["rte"]["accuracy"] == pytest.approx(100 - result["rte"]["accuracy"])
     with pytest.raises(ValueError, match="unknown general tasks"):
@@ -171,9 +348,12 @@ def test_smollm2_efficacy_moves_to_90_after_a_few_edits(smollm2_editor, shared_d
     records = _flat_records(shared_data, 8)
     editor.edit(records, batch_size=8)
     edited = {k: v.clone() for k, v in model.state_dict().items()}
-    result = editor.evaluate(records, baseline=True, show_progress=False)
-    print({k: (result["pre"][k], result[k]) for k in ("efficacy", "generalization", "specificity")})
+    result = editor.evaluate(records, baseline=True, live=True, show_progress=False)
+    print({k: (result["pre"][k], result[k]) for k in ("efficacy", "generalization", "specificity", "live_efficacy",
+                                                       "live_generalization", "live_specificity")})
     assert result["efficacy"] >= 90 > result["pre"]["efficacy"]
+    # The model now also says the new targets itself, though less often than teacher forcing credits it.
+    assert result["pre"]["live_efficacy"] < result["live_efficacy"] <= result["efficacy"]
     assert editor.last_evaluation is result
-    # The baseline pass subtracted the edits temporarily; the edited weights are back bit for bit.
+    # The baseline pass swapped the original weights in; the edited weights are back bit for bit.
     assert all(torch.equal(edited[k], v) for k, v in model.state_dict().items())

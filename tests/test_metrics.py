@@ -10,8 +10,10 @@ import yaml
 from hf_alphaedit.metrics import METRIC_NAMES, load_metric, metric_path
 from hf_alphaedit.metrics.summaries import (
     harmonic_mean,
+    live_match,
     matthews_correlation,
     ngram_entropy,
+    normalize_answer,
     weighted_f1,
     word_tokenize,
 )
@@ -68,6 +70,31 @@ def test_zsre_accuracy_is_token_accuracy_per_record():
     assert result["specificity"] == pytest.approx(50.0) and result["specificity_std"] == pytest.approx(50.0)
 
 
+def test_live_accuracy_normalises_case_punctuation_and_articles():
+    assert normalize_answer("  The U.S.  Army's ") == "u s army s"
+    assert live_match("rome, of course", "Rome")
+    assert live_match("The Rome!", "rome")  # articles and punctuation on either side do not count
+    assert not live_match("Romania", "Rome")  # whole words only
+    assert not live_match("the capital is Rome", "Rome")
+    assert live_match("the capital is Rome", "Rome", match="contains")
+    assert not live_match("the capital is Romeo", "Rome", match="contains")
+    assert live_match("New York City", "new york") and not live_match("New", "New York")
+    assert live_match("The end", "The") and not live_match("end", "The")  # an all-article answer keeps them
+    assert not live_match("?", "?")  # nothing left to compare: never a success
+    with pytest.raises(ValueError, match="match="):
+        live_match("Rome", "Rome", match="exact")
+
+
+def test_live_accuracy_module_averages_per_record_then_over_records():
+    module = load_metric("live_accuracy")
+    result = module.compute(predictions=[["Rome, the capital", "Paris"], ["Berlin"]], references=["Rome", "Berlin"])
+    assert result["live_accuracy"] == pytest.approx(75.0) and result["live_accuracy_std"] == pytest.approx(25.0)
+    one_each = module.compute(predictions=["in Rome", "Berlin"], references=["Rome", "Berlin"], match="contains")
+    assert one_each["live_accuracy"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="predictions"):
+        module.compute(predictions=[["Rome"]], references=None)
+
+
 def test_fluency_known_value_and_repetition_scores_zero():
     # "a b c d": three distinct bigrams (H2 = log2 3) and two trigrams (H3 = 1).
     expected = 100 * (2 / 3 * math.log2(3) + 4 / 3 * 1.0) / 2
@@ -80,6 +107,18 @@ def test_fluency_known_value_and_repetition_scores_zero():
 def test_word_tokenize_splits_punctuation_and_contractions():
     assert word_tokenize("Paris isn't in Italy, it's in France.") == [
         "Paris", "is", "n't", "in", "Italy", ",", "it", "'s", "in", "France", "."]
+
+
+def test_word_tokenize_differs_from_nltk_only_where_the_fluency_card_says():
+    """Runs where NLTK is installed (it is not a dependency): plain text is split alike; the differences are the
+    ones the fluency metric card lists."""
+    nltk_tokenize = pytest.importorskip("nltk.tokenize").NLTKWordTokenizer().tokenize
+    for text in ("Paris isn't in Italy, it's in France.", "The mother tongue of Danielle Darrieux is English.",
+                 "He said (twice) that we can't -- and won't -- stop!"):
+        assert word_tokenize(text) == nltk_tokenize(text)
+    assert (word_tokenize('say "hi"'), nltk_tokenize('say "hi"')) == (["say", '"', "hi", '"'], ["say", "``", "hi", "''"])
+    assert (word_tokenize("U.S. Highway"), nltk_tokenize("U.S. Highway")) == (["U.S", ".", "Highway"], ["U.S.", "Highway"])
+    assert (word_tokenize("at 5:30"), nltk_tokenize("at 5:30")) == (["at", "5", ":", "30"], ["at", "5:30"])
 
 
 def test_bad_input_names_the_columns_and_the_fix():

@@ -220,6 +220,79 @@ def test_configs_parse_strings_and_pick_reference_defaults(corpus):
     assert len(_editor(corpus, "llama", "rome", RomeConfig(), layers=[1]).method.templates) == 21
 
 
+def _reference_spec(model_type: str, num_layers: int):
+    from hf_alphaedit.architectures import ModelSpec
+
+    gpt = model_type in ("gpt2", "gptj")
+    return ModelSpec(model_type, "h.{}", "h.{}.mlp", None, num_layers, 8, 16, model_type == "gpt2",
+                     "gpt" if gpt else "gated", None)
+
+
+@pytest.mark.parametrize(("model_type", "num_layers", "rome_steps", "nse_weight", "alphaedit_lr", "alphaedit_steps"), [
+    ("gpt2", 48, 20, 10000.0, 0.5, 20), ("gptj", 28, 20, 15000.0, 0.5, 25), ("llama", 32, 25, 15000.0, 0.1, 25)])
+def test_reference_preset_takes_rome_and_nse_settings_from_their_own_files(model_type, num_layers, rome_steps,
+                                                                          nse_weight, alphaedit_lr, alphaedit_steps):
+    """§11.3 / §9.1: ROME's files use v_lr 0.5 (AlphaEdit's Llama-3 file 0.1) and 20 steps on GPT-J (AlphaEdit's
+    25); NSE's GPT-2 XL file λ = 10,000 (MEMIT's 20,000). Values a user sets still win; `auto` is untouched."""
+    spec = _reference_spec(model_type, num_layers)
+    rome = EditingArguments(method="rome", preset="reference").resolve(spec)
+    assert (rome.v_lr, rome.v_num_grad_steps) == (0.5, rome_steps)
+    alphaedit = EditingArguments(preset="reference").resolve(spec)
+    assert (alphaedit.v_lr, alphaedit.v_num_grad_steps) == (alphaedit_lr, alphaedit_steps)
+    nse = EditingArguments(method="nse", preset="reference").resolve(spec)
+    assert nse.mom2_update_weight == nse_weight and nse.reference_file == alphaedit.reference_file
+    assert EditingArguments(method="rome", preset="reference", v_lr=0.2).resolve(spec).v_lr == 0.2
+    assert EditingArguments(method="nse", preset="reference", mom2_update_weight=5.0).resolve(
+        spec).mom2_update_weight == 5.0
+    assert EditingArguments(method="rome").resolve(spec).reference_file is None
+
+
+def test_nse_reference_preset_uses_the_absolute_error_bounds(corpus):
+    editor = _editor(corpus, "gpt2", "nse", layers=[1, 2], preset="reference")
+    editor.edit(REQUESTS[:1])  # the first edit builds the method and its context templates
+    targets = editor.method.optimize_targets(as_edit_requests(REQUESTS[1:]))
+    alpha, upper = editor.method.error_bounds(targets)
+    assert alpha.tolist() == [35.0, 35.0] and upper.tolist() == [150.0, 150.0]  # GPT-2 XL's NSE file
+    relative = _editor(corpus, "gpt2", "nse", layers=[1, 2])
+    relative.edit(REQUESTS[:1])
+    relative = relative.method.error_bounds(targets)[0]
+    assert torch.allclose(relative, 0.2 * targets.initial_hidden.norm(dim=1).double())
+    custom = _editor(corpus, "gpt2", "nse", NSEConfig(alpha=3.0), layers=[1, 2], preset="reference")
+    custom.edit(REQUESTS[:1])
+    assert custom.method.error_bounds(targets)[0].tolist() == [3.0, 3.0]
+
+
+def _tokenizer_with_bos():
+    """The tiny tokenizer plus a Llama-3 style BOS token that every encoding starts with."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = tiny_tokenizer().backend_tokenizer.__class__.from_str(tiny_tokenizer().backend_tokenizer.to_str())
+    backend.add_special_tokens(["<|begin_of_text|>"])
+    bos = backend.token_to_id("<|begin_of_text|>")
+    backend.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                           special_tokens=[("<|begin_of_text|>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
+                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>"), bos
+
+
+def test_context_templates_keep_the_bos_text_only_when_asked():
+    """§3.1 quirk: the reference decodes templates with special tokens, so a Llama-3 prompt built on one starts
+    with two BOS ids; `context_template_special_tokens=True` reproduces that, the default does not."""
+    from hf_alphaedit.methods.prompts import generate_context_templates
+
+    tokenizer, bos = _tokenizer_with_bos()
+    model = tiny_causal_lm("llama")
+    kept = generate_context_templates(model, tokenizer, 6, 2, seed=0, keep_special_tokens=True)
+    skipped = generate_context_templates(model, tokenizer, 6, 2, seed=0)
+    assert all(t.startswith("<|begin_of_text|>") for t in kept[1:])
+    assert [t.removeprefix("<|begin_of_text|>") for t in kept] == skipped
+    assert tokenizer(kept[1].format("Paris"))["input_ids"][:2] == [bos, bos]
+    assert tokenizer(skipped[1].format("Paris"))["input_ids"][:2].count(bos) == 1
+    hp = EditingArguments(context_template_special_tokens=True).resolve(_reference_spec("llama", 32))
+    assert hp.context_template_special_tokens
+
+
 # -- SmolLM2 ------------------------------------------------------------------------------------------------------
 
 

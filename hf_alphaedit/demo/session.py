@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from huggingface_hub.errors import HfHubHTTPError
 
-from ..evaluation.scorer import encode_prompt, encode_target, greedy_answers, score_continuations
+from ..evaluation.decoding import greedy_answers
+from ..evaluation.scorer import encode_prompt, encode_target, score_continuations
 from ..fields import validate_fields
 from ..requests import EditRequestError, as_edit_requests
 from ..telemetry import NullSpaceRoom, null_space_room

@@ -9,6 +9,7 @@ model, or `AlphaEditModel.evaluate(..., baseline=True)`) to report pre-edit numb
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,7 +22,9 @@ from torch import nn
 from ..metrics import load_metric
 from ..metrics.summaries import harmonic_mean, token_accuracy
 from ..requests import EditRequest, ZsreTarget, as_edit_requests
-from .scorer import DEFAULT_BATCH_TOKENS, encode_prompt, encode_target, generate_texts, score_continuations
+from .decoding import REFERENCE_SAMPLING, LiveDecoding, generate_texts, live_continuations
+from .protocol import dataset_card, protocol_card
+from .scorer import DEFAULT_BATCH_TOKENS, encode_prompt, encode_target, score_continuations
 
 RecordKind = Literal["auto", "counterfact", "zsre"]
 EditRecords = str | os.PathLike | datasets.Dataset | Iterable[Mapping[str, Any] | EditRequest]
@@ -73,10 +76,12 @@ def evaluate_edits(
     limit: int | None = None,
     baseline: Mapping[str, Any] | None = None,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    live: bool | LiveDecoding = False,
     generation: bool = False,
     max_generation_records: int | None = 100,
     generation_length: int = 100,
     seed: int = 0,
+    protocol: Mapping[str, Any] | None = None,
     show_progress: bool | None = None,
     per_record: bool = False,
 ) -> dict[str, Any]:
@@ -90,13 +95,19 @@ def evaluate_edits(
       `neighborhood_acc` (teacher-forced exact match of the target that should win, percent);
     * ZsRE records: `zsre_efficacy`, `zsre_generalization`, `zsre_specificity` (token-level top-1 accuracy,
       percent, §10.4) with `_std`;
+    * with `live=True` (or a `LiveDecoding`): the live-decoding family beside them, `live_efficacy`,
+      `live_generalization`, `live_specificity`, `live_score` (CounterFact) and `zsre_live_*` (ZsRE): the model
+      generates each prompt's continuation (greedy by default) and succeeds when it starts with the new target
+      (the true answer for neighbourhood prompts); the `live_accuracy` metric card states the rules;
     * with `generation=True`: `fluency` (n-gram entropy × 100, §10.3) of top-5 samples of `generation_length`
       tokens from the first `max_generation_records` CounterFact records' generation prompts (records without
       generation prompts, like the flat CounterFact splits, use their rewrite prompt);
-    * `num_records`, `seconds`, `records_per_second`; `pre`: `baseline` when given; `records`: per-record scores
-      when `per_record`.
+    * `num_records`, `seconds`, `records_per_second`; `protocol`: the protocol card (`evaluation.protocol`; the
+      caller's `protocol` fields, e.g. the edit history, merged in); `pre`: `baseline` when given (refused when
+      its card shows the same weights as this model after edits); `records`: per-record scores when `per_record`.
     """
     start = time.perf_counter()
+    live_settings = LiveDecoding() if live is True else (live or None)
     raw = load_edit_records(records, split=split, limit=limit)
     if not raw:
         raise ValueError("no records to evaluate; pass at least one edit record")
@@ -107,46 +118,113 @@ def evaluate_edits(
     zsre = [r for r, is_zsre in zip(requests, zsre_flags, strict=True) if is_zsre]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scoring = {"pad_id": pad_id, "batch_tokens": batch_tokens, "show_progress": show_progress}
+    decoding = {"show_progress": show_progress}
 
     results: dict[str, Any] = {"num_records": len(requests)}
+    families: dict[str, list[str]] = {"teacher_forced": [], "sampled_generation": []}
     details: list[dict[str, Any]] = []
+    parts: list[tuple[str, dict[str, Any], list[dict[str, Any]]]] = []
     if counterfact:
-        results.update(_evaluate_counterfact(model, tokenizer, counterfact, scoring, details))
+        parts.append(("teacher_forced", *_evaluate_counterfact(model, tokenizer, counterfact, scoring)))
+        if live_settings is not None:
+            parts.append((live_settings.family, *_live_counterfact(model, tokenizer, counterfact, live_settings,
+                                                                   decoding)))
         if generation:
-            results.update(_evaluate_fluency(model, tokenizer, counterfact[:max_generation_records],
-                                             generation_length, seed, show_progress))
+            fluency = _evaluate_fluency(model, tokenizer, counterfact[:max_generation_records], generation_length,
+                                        seed, show_progress)
+            parts.append(("sampled_generation", fluency, []))
     if zsre:
-        results.update(_evaluate_zsre(model, tokenizer, zsre, scoring, details))
+        parts.append(("teacher_forced", *_evaluate_zsre(model, tokenizer, zsre, scoring)))
+        if live_settings is not None:
+            parts.append((live_settings.family, *_live_zsre(model, tokenizer, zsre, live_settings, decoding)))
+    per_kind: dict[str, list[dict[str, Any]]] = {}
+    for family, summary, record_details in parts:
+        results.update(summary)
+        families.setdefault(family, []).extend(name for name in summary if not name.endswith("_std"))
+        if record_details:
+            kind_name = record_details[0]["kind"]
+            if kind_name in per_kind:
+                for entry, extra in zip(per_kind[kind_name], record_details, strict=True):
+                    entry.update(extra)
+            else:
+                per_kind[kind_name] = record_details
+                details.extend(record_details)
     seconds = time.perf_counter() - start
     results.update(seconds=seconds, records_per_second=len(requests) / seconds)
+    dataset = dataset_card(records, split=split, records=[r.to_dict() if isinstance(r, EditRequest) else dict(r)
+                                                          for r in raw])
+    card = protocol_card(model, dataset=dataset, metric_families=families,
+                         live_decoding=live_settings.to_dict() if live_settings is not None else None, extra=protocol)
     if baseline is not None:
+        _check_baseline(baseline, card)
         results["pre"] = {k: v for k, v in baseline.items() if k not in ("pre", "records")}
+    results["protocol"] = card
     if per_record:
         results["records"] = details
     return results
 
 
-def _counterfact_prompts(request: EditRequest) -> dict[str, tuple[str, ...]]:
-    return {"rewrite": (request.prompt_with_subject,), "paraphrase": request.paraphrase_prompts,
-            "neighborhood": request.neighborhood_prompts}
+def _check_baseline(baseline: Mapping[str, Any], card: Mapping[str, Any]) -> None:
+    """Refuse pre-edit numbers that were measured on the very weights being evaluated after edits."""
+    pre_card = baseline.get("protocol")
+    if not isinstance(pre_card, Mapping):
+        return
+    edits = (card.get("editing") or {}).get("num_edits") or 0
+    same = (pre_card.get("model") or {}).get("weights_sha256") == card["model"]["weights_sha256"]
+    if edits and same:
+        raise ValueError(f"baseline: its protocol card has the same weights_sha256 as this model after {edits} edits, "
+                         "so it was not measured on the unedited weights; evaluate the base model (or use "
+                         "AlphaEditModel.evaluate(..., baseline=True), which swaps in the exact original weights)")
 
 
-def _evaluate_counterfact(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest],
-                          scoring: dict[str, Any], details: list[dict[str, Any]]) -> dict[str, float]:
-    """Score new and true target after every rewrite / paraphrase / neighborhood prompt in one pass."""
+# One evaluation item: (prompt kind, prompt, the answer that should come out: the new target on rewrite and
+# paraphrase prompts, the true answer on neighborhood prompts).
+Item = tuple[str, str, str]
+
+
+def _counterfact_items(request: EditRequest) -> list[Item]:
+    return ([("rewrite", request.prompt_with_subject, request.target_new)]
+            + [("paraphrase", prompt, request.target_new) for prompt in request.paraphrase_prompts]
+            + [("neighborhood", prompt, request.neighborhood_target) for prompt in request.neighborhood_prompts])
+
+
+def _zsre_items(request: EditRequest) -> list[Item]:
+    """The neighborhood prompt gets a `"?"` appended, as in the reference (the MEND files store NQ questions
+    without one)."""
+    return ([("rewrite", request.prompt_with_subject, request.target_new)]
+            + [("paraphrase", prompt, request.target_new) for prompt in request.paraphrase_prompts]
+            + [("neighborhood", prompt + "?", request.neighborhood_target) for prompt in request.neighborhood_prompts])
+
+
+def _check_counterfact(requests: Sequence[EditRequest]) -> None:
     missing = [i for i, r in enumerate(requests) if r.target_true is None]
     if missing:
         raise ValueError(f"CounterFact records {missing[:10]} have no target_true; give 'target_true' "
                          "(or 'ground_truth'), or evaluate them with kind='zsre'")
+
+
+def _check_zsre(requests: Sequence[EditRequest]) -> None:
+    lacking = [i for i, r in enumerate(requests) if not (r.paraphrase_prompts and r.neighborhood_prompts)]
+    if lacking:
+        raise ValueError(f"ZsRE records {lacking[:10]} lack a paraphrase ('rephrase') or a neighborhood pair "
+                         "('loc'/'loc_ans'); ZsRE accuracy needs both")
+
+
+Summary = tuple[dict[str, float], list[dict[str, Any]]]
+
+
+def _evaluate_counterfact(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest],
+                          scoring: dict[str, Any]) -> Summary:
+    """Score new and true target after every rewrite / paraphrase / neighborhood prompt in one pass."""
+    _check_counterfact(requests)
     encode = _Encoder(tokenizer)
     pairs, slots = [], []  # slot: (record, prompt kind, candidate) of each scored pair
     for index, request in enumerate(requests):
-        for prompt_kind, prompts in _counterfact_prompts(request).items():
+        for prompt_kind, prompt, _ in _counterfact_items(request):
             true = request.neighborhood_target if prompt_kind == "neighborhood" else request.target_true
-            for prompt in prompts:
-                for candidate, target in (("new", request.target_new), ("true", true)):
-                    pairs.append((encode.prompt(prompt), encode.target(target)))
-                    slots.append((index, prompt_kind, candidate))
+            for candidate, target in (("new", request.target_new), ("true", true)):
+                pairs.append((encode.prompt(prompt), encode.target(target)))
+                slots.append((index, prompt_kind, candidate))
     scores = score_continuations(model, pairs, description="CounterFact", **scoring)
 
     nll = {(i, k, c): [] for i in range(len(requests)) for k in COUNTERFACT_KINDS for c in ("new", "true")}
@@ -166,31 +244,23 @@ def _evaluate_counterfact(model: nn.Module, tokenizer: Any, requests: Sequence[E
         results[f"{prompt_kind}_acc"] = token_accuracy([exact[i, prompt_kind] for i in having])[0]
     if all(name in results for name, _ in COUNTERFACT_KINDS.values()):
         results["score"] = harmonic_mean([results[name] for name, _ in COUNTERFACT_KINDS.values()])
-    for index, request in enumerate(requests):
-        details.append({"case_id": request.case_id, "kind": "counterfact",
-                        **{f"{k}_{c}_nll": nll[index, k, c] for k in COUNTERFACT_KINDS for c in ("new", "true")}})
-    return results
+    details = [{"case_id": request.case_id, "kind": "counterfact",
+                **{f"{k}_{c}_nll": nll[index, k, c] for k in COUNTERFACT_KINDS for c in ("new", "true")}}
+               for index, request in enumerate(requests)]
+    return results, details
 
 
-def _evaluate_zsre(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], scoring: dict[str, Any],
-                   details: list[dict[str, Any]]) -> dict[str, float]:
+def _evaluate_zsre(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest],
+                   scoring: dict[str, Any]) -> Summary:
     """Token-level teacher-forced accuracy (§10.4) on question, paraphrase and the unrelated NQ pair.
 
-    The neighborhood prompt gets a `"?"` appended, as in the reference (the MEND files store NQ questions
-    without one). Inputs are built by id concatenation, the §10.4 default (no decoded text, no BOS inside).
+    Inputs are built by id concatenation, the §10.4 default (no decoded text, no BOS inside).
     """
-    lacking = [i for i, r in enumerate(requests) if not (r.paraphrase_prompts and r.neighborhood_prompts)]
-    if lacking:
-        raise ValueError(f"ZsRE records {lacking[:10]} lack a paraphrase ('rephrase') or a neighborhood pair "
-                         "('loc'/'loc_ans'); ZsRE accuracy needs both")
+    _check_zsre(requests)
     encode = _Encoder(tokenizer)
     pairs, slots = [], []
     for index, request in enumerate(requests):
-        items = [("rewrite", request.prompt_with_subject, request.target_new)]
-        items += [("paraphrase", prompt, request.target_new) for prompt in request.paraphrase_prompts]
-        items += [("neighborhood", prompt + "?", request.neighborhood_target)
-                  for prompt in request.neighborhood_prompts]
-        for prompt_kind, prompt, target in items:
+        for prompt_kind, prompt, target in _zsre_items(request):
             pairs.append((encode.prompt(prompt), encode.target(target)))
             slots.append((index, prompt_kind))
     scores = score_continuations(model, pairs, description="ZsRE", **scoring)
@@ -199,17 +269,62 @@ def _evaluate_zsre(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequ
         flags[slot].extend(score.token_correct)
     columns = {f"{k}_correct": [flags[i, k] for i in range(len(requests))] for k in COUNTERFACT_KINDS}
     summary = load_metric("zsre_accuracy").compute(**columns)
-    for index, request in enumerate(requests):
-        details.append({"case_id": request.case_id, "kind": "zsre",
-                        **{f"{k}_correct": flags[index, k] for k in COUNTERFACT_KINDS}})
-    return {f"zsre_{name}": value for name, value in summary.items()}
+    details = [{"case_id": request.case_id, "kind": "zsre", **{f"{k}_correct": flags[index, k] for k in COUNTERFACT_KINDS}}
+               for index, request in enumerate(requests)]
+    return {f"zsre_{name}": value for name, value in summary.items()}, details
+
+
+def _live(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], items: list[list[Item]],
+          settings: LiveDecoding, decoding: dict[str, Any], kind_name: str) -> Summary:
+    """Live-decoding success per prompt kind (the `live_accuracy` module) from the model's own continuations."""
+    flat = [(index, item) for index, record_items in enumerate(items) for item in record_items]
+    continuations = live_continuations(model, tokenizer, [(prompt, answer) for _, (_, prompt, answer) in flat],
+                                       settings, **decoding)
+    generated: dict[tuple[int, str], list[str]] = {(i, k): [] for i in range(len(requests)) for k in COUNTERFACT_KINDS}
+    answer_of: dict[tuple[int, str], str] = {}
+    for (index, (prompt_kind, _, answer)), text in zip(flat, continuations, strict=True):
+        generated[index, prompt_kind].append(text)
+        answer_of[index, prompt_kind] = answer
+    results: dict[str, float] = {}
+    for prompt_kind, (name, _) in COUNTERFACT_KINDS.items():
+        having = [i for i in range(len(requests)) if generated[i, prompt_kind]]
+        if having:
+            summary = load_metric("live_accuracy").compute(
+                predictions=[generated[i, prompt_kind] for i in having],
+                references=[answer_of[i, prompt_kind] for i in having], match=settings.match)
+            results[f"live_{name}"], results[f"live_{name}_std"] = summary["live_accuracy"], summary["live_accuracy_std"]
+    details = [{"case_id": request.case_id, "kind": kind_name,
+                **{f"{k}_live": generated[index, k] for k in COUNTERFACT_KINDS}}
+               for index, request in enumerate(requests)]
+    return results, details
+
+
+def _live_counterfact(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], settings: LiveDecoding,
+                      decoding: dict[str, Any]) -> Summary:
+    _check_counterfact(requests)
+    results, details = _live(model, tokenizer, requests, [_counterfact_items(r) for r in requests], settings,
+                             decoding, "counterfact")
+    names = [f"live_{name}" for name, _ in COUNTERFACT_KINDS.values()]
+    if all(name in results for name in names):
+        results["live_score"] = harmonic_mean([results[name] for name in names])
+    return results, details
+
+
+def _live_zsre(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], settings: LiveDecoding,
+               decoding: dict[str, Any]) -> Summary:
+    _check_zsre(requests)
+    results, details = _live(model, tokenizer, requests, [_zsre_items(r) for r in requests], settings, decoding,
+                             "zsre")
+    return {f"zsre_{name}": value for name, value in results.items()}, details
 
 
 def _evaluate_fluency(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], length: int, seed: int,
                       show_progress: bool | None) -> dict[str, float]:
+    """Fluency of the reference sampler's texts (top-k 5, temperature 1, fixed length, seeded)."""
     prompts_per_record = [r.generation_prompts or (r.prompt_with_subject,) for r in requests]
     texts = generate_texts(model, tokenizer, [p for prompts in prompts_per_record for p in prompts],
-                           max_length=length, seed=seed, show_progress=show_progress)
+                           max_length=length, sampling=dataclasses.replace(REFERENCE_SAMPLING, seed=seed),
+                           show_progress=show_progress)
     grouped, position = [], 0
     for prompts in prompts_per_record:
         grouped.append(texts[position : position + len(prompts)])

@@ -20,7 +20,9 @@ from typing import Any
 
 from torch import nn
 
+from ..fingerprint import file_sha256
 from ..metrics.summaries import matthews_correlation, weighted_f1
+from .protocol import protocol_card
 from .scorer import DEFAULT_BATCH_TOKENS, encode_prompt, encode_target, progress, score_continuations
 
 LETTERS = ("A", "B", "C", "D")
@@ -99,12 +101,13 @@ def evaluate_general(
     reference_compat: bool = False,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     show_progress: bool | None = None,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Zero-shot general-capability scores on `data_dir/<task>.json` for `tasks` (default: all of
     `GENERAL_TASKS`), using the first `num_examples` examples of each file (default all).
 
     Returns `{task: {"accuracy": %, "f1": weighted F1 (0–1, as the reference), "mcc": Matthews correlation,
-    "invalid": ties, "total": examples, "seconds": s}}` plus `"average": {"accuracy", "f1"}` over the tasks.
+    "invalid": ties, "total": examples, "seconds": s}}` plus `"average": {"accuracy", "f1"}` over the tasks and
+    `"protocol"`: the protocol card (`evaluation.protocol`: weight fingerprint, task files and their hashes, ...).
     Prompts longer than the model's context are cut from the left. `reference_compat=True` reproduces the
     reference's RTE polarity bug ("True" scored as correct for not_entailment).
     """
@@ -116,7 +119,7 @@ def evaluate_general(
         raise ValueError(f"num_examples must be positive or None (all), got {num_examples}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     context = _context_length(model)
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, Any]] = {}
     for name in progress(names, total=len(names), description="general tasks", show=show_progress):
         task = GENERAL_TASKS[name]
         path = Path(data_dir) / f"{name}.json"
@@ -146,4 +149,7 @@ def evaluate_general(
                          "invalid": sum(p == -1 for p in predictions), "total": len(examples),
                          "seconds": time.perf_counter() - start}
     results["average"] = {metric: sum(results[n][metric] for n in names) / len(names) for metric in ("accuracy", "f1")}
+    dataset = {"source": Path(data_dir).name, "tasks": names, "records": [0, num_examples],
+               "file_sha256": {name: file_sha256(Path(data_dir) / f"{name}.json") for name in names}}
+    results["protocol"] = protocol_card(model, dataset=dataset, metric_families={"log_likelihood_choice": names})
     return results

@@ -1,4 +1,4 @@
-"""Batched teacher-forced scoring of continuations, and batched generation (ALGORITHMS.md §10.2–10.4, §10.7).
+"""Batched teacher-forced scoring of continuations (ALGORITHMS.md §10.2–10.4, §10.7); generation is in `decoding`.
 
 Every metric of the references reduces to one question asked of many `(prompt, continuation)` pairs: how likely
 is each continuation token given the prompt and the continuation tokens before it, and is it the argmax? The
@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,7 +104,7 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _pack(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+def pack_by_tokens(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     """Indices of rows grouped into batches whose padded size `rows × longest` stays within `batch_tokens`
     (a single longer row gets a batch of its own); rows are taken longest first."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -151,7 +150,7 @@ def score_continuations(
     scores: list[ContinuationScore | None] = [None] * len(pairs)
     device = model_device(model)
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-    batches = _pack([len(row) for row in rows], batch_tokens)
+    batches = pack_by_tokens([len(row) for row in rows], batch_tokens)
     with inference(model):
         for batch in progress(batches, total=len(batches), description=description, show=show_progress):
             input_ids, attention_mask = right_pad([list(rows[i]) for i in batch], pad_id, device)
@@ -172,74 +171,3 @@ def score_continuations(
                     correct = (row_logits.argmax(dim=-1) == targets).tolist()
                     scores[pair_index] = ContinuationScore(float(nll), tuple(bool(c) for c in correct))
     return scores  # type: ignore[return-value]
-
-
-def clean_generated_text(text: str) -> str:
-    """The reference's post-processing of a generated text before fluency scoring (§10.3): NFKD, blank lines
-    joined by a space."""
-    return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
-
-
-def generate_texts(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_length: int = 100,
-    top_k: int | None = 5,
-    do_sample: bool = True,
-    seed: int = 0,
-    batch_size: int = 16,
-    show_progress: bool | None = None,
-    max_seconds: float | None = None,
-) -> list[str]:
-    """Generate from each prompt until the sequence (prompt included) has `max_length` tokens (§10.3).
-
-    `do_sample=True` samples from the top-`top_k` tokens as the reference does (seeded: the reference is not);
-    `do_sample=False` is greedy. Returns the decoded texts, prompt included, special tokens removed and cleaned
-    by `clean_generated_text`. Prompts are left-padded in batches of `batch_size`; a row stops early at EOS.
-    `max_seconds` stops each batch's generation after that long (transformers' `max_time`; its texts are then
-    shorter).
-    """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
-    too_long = [i for i, ids in enumerate(encoded) if len(ids) >= max_length]
-    if too_long:
-        raise ValueError(f"prompts {too_long} already have >= max_length={max_length} tokens; raise max_length")
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    texts: list[str] = [""] * len(prompts)
-    device = model_device(model)
-    sampling = {"do_sample": True, "top_k": top_k} if do_sample else {"do_sample": False}
-    with inference(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for batch in progress(batches, total=len(batches), description="generating", show=show_progress):
-            width = max(len(encoded[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, index in enumerate(batch):
-                input_ids[row, width - len(encoded[index]):] = torch.tensor(encoded[index])
-                attention_mask[row, width - len(encoded[index]):] = 1
-            shortest = min(len(encoded[i]) for i in batch)
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                    max_new_tokens=max_length - shortest, pad_token_id=pad_id,
-                                    max_time=max_seconds, **sampling)
-            for row, index in enumerate(batch):
-                # Every row gets exactly max_length tokens in total, however long its prompt.
-                generated = output[row, width : width + max_length - len(encoded[index])].tolist()
-                ids = encoded[index] + generated
-                texts[index] = clean_generated_text(tokenizer.decode(ids, skip_special_tokens=True))
-    return texts
-
-
-def greedy_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], new_tokens: int = 8,
-                   max_seconds: float | None = None) -> list[str]:
-    """The first line of the model's greedy continuation (at most `new_tokens` tokens, generated for at most
-    `max_seconds`) of each prompt."""
-    if not prompts:
-        return []
-    longest = max(len(encode_prompt(tokenizer, prompt)) for prompt in prompts)
-    texts = generate_texts(model, tokenizer, prompts, max_length=longest + new_tokens, do_sample=False,
-                           show_progress=False, max_seconds=max_seconds)
-    return [text[len(prompt):].strip().split("\n")[0] if text.startswith(prompt) else text
-            for prompt, text in zip(prompts, texts, strict=True)]

@@ -80,6 +80,11 @@ class EditMethod(Protocol):
     Optional attribute `edited_modules` (dotted module paths) names the matrices besides the rewrite modules of
     `hparams.layers` that the method's updates change (`LayerUpdate.module`, e.g. MEND's gate/up projections), so
     that `prune=True` restrains them too.
+
+    Optional static hooks read when hyperparameters are resolved (`hparams.resolve_hyperparameters`):
+    `default_layers(spec, locate_then_edit_layers, config)` (ROME, FT pick their own layers) and
+    `reference_hyperparameters(reference_file) -> {field: value}` (ROME, NSE: their own reference files' values of
+    shared settings under `preset="reference"`).
     """
 
     def edit_batch(self, requests: Sequence[EditRequest]) -> BatchUpdate:

@@ -15,11 +15,12 @@ from ..hparams import CONTEXT_SEED_WORDS
 
 
 def generate_context_templates(model: nn.Module, tokenizer: Any, length: int, count: int,
-                               seed: int) -> list[str]:
+                               seed: int, keep_special_tokens: bool = False) -> list[str]:
     """`["{}"]` plus `count` seeded top-5 samples of `length` tokens, each ending in `". {}"` (§3.1).
 
     Samples start from the seed words "The", "Therefore", "Because", "I", "You"; special tokens are skipped
-    when decoding, and braces are replaced by spaces so the templates can be formatted safely.
+    when decoding unless `keep_special_tokens` (the reference's quirk: Llama-3 templates then start with the
+    BOS text), and braces are replaced by spaces so the templates can be formatted safely.
     """
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
@@ -36,7 +37,7 @@ def generate_context_templates(model: nn.Module, tokenizer: Any, length: int, co
                 top = torch.topk(logits, 5)
                 choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
                 ids = torch.cat([ids, top.indices[choice].view(1, 1).to(device)], dim=1)
-        text = tokenizer.decode(ids[0], skip_special_tokens=True)
+        text = tokenizer.decode(ids[0], skip_special_tokens=not keep_special_tokens)
         text = unicodedata.normalize("NFKD", text).replace("\n\n", " ").replace("<|endoftext|>", "")
         templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
     return templates

@@ -2,7 +2,7 @@
 name, so each folder loads offline with `evaluate.load(path)`); `push_metric_to_hub` publishes one as a metric Space
 (the folder plus a generated Gradio `app.py` and `requirements.txt`), loadable with `evaluate.load("ns/name")`.
 
-They take scores (per-token NLLs, teacher-forced token flags, generated texts), never models; the runner in
+They take scores (per-token NLLs, teacher-forced token flags, generated texts and answers), never models; the runner in
 `hf_alphaedit.evaluation` computes the scores.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 METRICS_DIR = Path(__file__).resolve().parent
 METRIC_NAMES: tuple[str, ...] = (
-    "efficacy", "generalization", "specificity", "fluency", "zsre_accuracy", "knowledge_editing"
+    "efficacy", "generalization", "specificity", "fluency", "zsre_accuracy", "knowledge_editing", "live_accuracy"
 )
 
 
@@ -47,6 +47,7 @@ METRIC_EXAMPLES: dict[str, dict[str, Any]] = {
     "knowledge_editing": {"rewrite_new_nll": [1.0], "rewrite_true_nll": [2.0], "paraphrase_new_nll": [1.0],
                           "paraphrase_true_nll": [2.0], "neighborhood_new_nll": [3.0],
                           "neighborhood_true_nll": [1.0]},
+    "live_accuracy": {"predictions": [["Rome, the capital of Italy.", "Paris"]], "references": ["Rome"]},
 }
 
 # evaluate's own `launch_gradio_widget` uses the Gradio 3 API (gr.inputs), so the Space gets this app instead.

@@ -38,6 +38,13 @@ ZSRE_CITATION = """\
   booktitle={Proceedings of the 21st Conference on Computational Natural Language Learning},
   year={2017}
 }"""
+MIRAGE_CITATION = """\
+@article{yang2025mirage,
+  title={The Mirage of Model Editing: Revisiting Evaluation in the Wild},
+  author={Yang, Wanli and others},
+  journal={arXiv preprint arXiv:2502.11177},
+  year={2025}
+}"""
 COUNTERFACT_CITATION = "\n".join([ROME_CITATION, MEMIT_CITATION, ALPHAEDIT_CITATION])
 REFERENCE_URLS = ["https://arxiv.org/abs/2410.02355", "https://arxiv.org/abs/2210.07229",
                   "https://arxiv.org/abs/2202.05262"]

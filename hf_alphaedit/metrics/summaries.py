@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
@@ -77,6 +78,50 @@ def harmonic_mean(values: Sequence[float]) -> float:
     return len(values) / sum(1.0 / v for v in values)
 
 
+ARTICLES = frozenset({"a", "an", "the"})
+
+
+def normalize_answer(text: str, *, drop_articles: bool = True) -> str:
+    """An answer in comparable form: NFKC, lower case, every punctuation and control character (Unicode categories
+    P and C) replaced by a space, the articles "a", "an", "the" removed as words (unless `drop_articles` is
+    False), whitespace collapsed. `"The U.S."` → `"u s"`."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    words = "".join(" " if unicodedata.category(c)[0] in "PC" else c for c in text).split()
+    return " ".join(w for w in words if not (drop_articles and w in ARTICLES))
+
+
+def live_match(continuation: str, answer: str, match: str = "prefix") -> bool:
+    """Whether a generated `continuation` gives `answer` (the `live_accuracy` metric card's rule).
+
+    Both are normalised by `normalize_answer` (articles are kept on both sides when the answer is nothing but
+    articles); `match="prefix"`: the continuation's words start with the answer's words; `"contains"`: the
+    answer's words occur consecutively anywhere in it. An answer that normalises to nothing never matches.
+    """
+    if match not in ("prefix", "contains"):
+        raise ValueError(f"match={match!r}: choose 'prefix' or 'contains'")
+    drop = bool(normalize_answer(answer))
+    expected, produced = normalize_answer(answer, drop_articles=drop), normalize_answer(continuation, drop_articles=drop)
+    if not expected:
+        return False
+    if match == "prefix":
+        return produced == expected or produced.startswith(expected + " ")
+    return f" {expected} " in f" {produced} "
+
+
+def live_accuracy(continuations: Sequence[str] | Sequence[Sequence[str]], answers: Sequence[str],
+                  match: str = "prefix") -> tuple[float, float]:
+    """Live-decoding success: per record the share of its continuations that give its answer (`live_match`), then
+    `(mean × 100, population std × 100)` over records."""
+    per_record = [[texts] if isinstance(texts, str) else list(texts) for texts in continuations]
+    if len(per_record) != len(answers):
+        raise ValueError(f"{len(per_record)} records of continuations but {len(answers)} answers; give one answer "
+                         "per record")
+    if any(not texts for texts in per_record):
+        raise ValueError("every record needs at least one generated continuation")
+    return mean_std_percent([float(np.mean([live_match(text, answer, match) for text in texts]))
+                             for texts, answer in zip(per_record, answers, strict=True)])
+
+
 # A regular-expression version of NLTK's Treebank word tokenisation (which the reference calls through
 # `word_tokenize`), so fluency needs no NLTK data download: contractions and punctuation become separate words.
 _WORD_PATTERN = re.compile(
@@ -85,7 +130,12 @@ _WORD_PATTERN = re.compile(
 
 
 def word_tokenize(text: str) -> list[str]:
-    """Split text into words and punctuation, approximately as NLTK's `word_tokenize` does."""
+    """Split text into words and punctuation, approximately as NLTK's `word_tokenize` does.
+
+    Where it differs (the fluency metric card has the measured effect): NLTK writes double quotes as `` and '',
+    keeps abbreviations with their periods (`U.S.`), digits around a colon (`5:30`), URLs and apostrophes inside
+    words that are not contractions (`d'Italia`) whole; here they are split.
+    """
     return _WORD_PATTERN.findall(text)
 
 

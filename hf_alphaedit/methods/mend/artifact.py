@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..._version import __version__
-from ...artifacts import file_sha256
 from ...cards import card_template
+from ...fingerprint import file_sha256
 from ...hub import LOCAL_PREFIX, download_snapshot, upload_folder_replacing
 
 EDITOR_CONFIG = "mend_editor.json"

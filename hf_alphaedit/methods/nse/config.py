@@ -15,6 +15,11 @@ from ...registry import MethodConfig
 # Llama-3-8B 2.5/50) and do not transfer; the reference α are roughly a fifth of typical ‖h‖ at their z-layers.
 DEFAULT_ALPHA_FRACTION = 0.2
 DEFAULT_UPPER_BOUND_FRACTION = 2.0
+# NSE's own reference files (§9.1), used under `preset="reference"`: absolute (alpha, upper_bound) and the
+# preserved-key weight λ (GPT-2 XL's NSE file: 10,000, not the MEMIT file's 20,000).
+REFERENCE_ERROR_BOUNDS: dict[str, tuple[float, float]] = {
+    "gpt2-xl": (35.0, 150.0), "gpt-j-6b": (15.0, 100.0), "llama3-8b": (2.5, 50.0)}
+REFERENCE_MOM2_UPDATE_WEIGHT: dict[str, float] = {"gpt2-xl": 10000.0, "gpt-j-6b": 15000.0, "llama3-8b": 15000.0}
 
 
 @dataclass
@@ -23,11 +28,11 @@ class NSEConfig(MethodConfig):
 
     alpha: float | None = field(default=None, metadata={"help": (
         "A request is (re-)edited only while its remaining error ‖z − h‖ at the last edited layer is above this "
-        "(absolute hidden-state units; reference: GPT-2 XL 35, GPT-J 15, Llama-3-8B 2.5). Default: "
-        "alpha_fraction × ‖h‖ of each request.")})
+        "(absolute hidden-state units; reference: GPT-2 XL 35, GPT-J 15, Llama-3-8B 2.5). Default: the reference "
+        "file's value under preset='reference', else alpha_fraction × ‖h‖ of each request.")})
     upper_bound: float | None = field(default=None, metadata={"help": (
-        "... and below this (reference: GPT-2 XL 150, GPT-J 100, Llama-3-8B 50). Default: "
-        "upper_bound_fraction × ‖h‖ of each request.")})
+        "... and below this (reference: GPT-2 XL 150, GPT-J 100, Llama-3-8B 50). Default: the reference file's "
+        "value under preset='reference', else upper_bound_fraction × ‖h‖ of each request.")})
     alpha_fraction: float = field(default=DEFAULT_ALPHA_FRACTION, metadata={"help": (
         "alpha relative to the request's hidden-state norm at the last edited layer, when alpha is not set.")})
     upper_bound_fraction: float = field(default=DEFAULT_UPPER_BOUND_FRACTION, metadata={"help": (

@@ -12,7 +12,7 @@ from ..base import EditContext
 from ..keys import LayerKeyReader
 from ..memit import Memit, MemitConfig
 from ..targets import TargetResult
-from .config import NSEConfig
+from .config import REFERENCE_ERROR_BOUNDS, REFERENCE_MOM2_UPDATE_WEIGHT, NSEConfig
 
 _GPTJ_NEURON_THRESHOLD = 0.8
 
@@ -31,6 +31,11 @@ class NSE(Memit):
     Finally `C_p += K Kᵀ` with every request's keys on the edited model. A layer's update stacks the factors
     of all passes (`left` `[d, m]`, `right` `[m, d_k]`, `m` = requests edited summed over passes).
     """
+
+    @staticmethod
+    def reference_hyperparameters(reference_file: str) -> dict[str, float]:
+        """NSE's own reference value of the shared `mom2_update_weight` (`preset="reference"`, §9.1)."""
+        return {"mom2_update_weight": REFERENCE_MOM2_UPDATE_WEIGHT[reference_file]}
 
     def __init__(self, context: EditContext, config: NSEConfig | None = None) -> None:
         super().__init__(context, MemitConfig(protect_previous_edits=True))
@@ -79,12 +84,19 @@ class NSE(Memit):
         return right
 
     def error_bounds(self, targets: TargetResult) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-request `(alpha, upper_bound)` `[n]` each: the configured values, or fractions of `‖h_init‖`."""
+        """Per-request `(alpha, upper_bound)` `[n]` each: the configured values, else the reference file's
+        absolute ones under `preset="reference"`, else fractions of `‖h_init‖`."""
         cfg = self.nse_config
         norms = targets.initial_hidden.norm(dim=1).double()
-        alpha = norms * cfg.alpha_fraction if cfg.alpha is None else torch.full_like(norms, cfg.alpha)
-        upper = norms * cfg.upper_bound_fraction if cfg.upper_bound is None else torch.full_like(norms, cfg.upper_bound)
-        return alpha, upper
+        reference_file = self.context.hparams.reference_file
+        ref_alpha, ref_upper = REFERENCE_ERROR_BOUNDS[reference_file] if reference_file else (None, None)
+
+        def bound(value: float | None, reference: float | None, fraction: float) -> torch.Tensor:
+            value = value if value is not None else reference
+            return norms * fraction if value is None else torch.full_like(norms, value)
+
+        return (bound(cfg.alpha, ref_alpha, cfg.alpha_fraction),
+                bound(cfg.upper_bound, ref_upper, cfg.upper_bound_fraction))
 
     def edit_batch(self, requests: Sequence[EditRequest]) -> BatchUpdate:
         ctx, hp = self.context, self.context.hparams

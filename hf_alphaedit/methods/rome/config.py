@@ -3,8 +3,9 @@
 ROME edits every layer of `EditingArguments.layers` in ascending order; unset, it edits one layer, as every
 reference file does (`Rome.default_layers`, §11.7: 5 for SmolLM2-135M and Llama-3-8B, 17 for GPT-2 XL). The
 target-optimisation settings shared with MEMIT (`v_lr`, `v_num_grad_steps`, `kl_factor`) come from
-`EditingArguments`; the clamp and the norm penalty are ROME's own because its δ lives in the MLP-output space,
-whose scale differs from the residual stream's.
+`EditingArguments` (under `preset="reference"` from ROME's own files, `REFERENCE_TARGET_SETTINGS`); the clamp and
+the norm penalty are ROME's own because its δ lives in the MLP-output space, whose scale differs from the
+residual stream's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ from ...registry import MethodConfig
 
 KEY_MODES = ("reference", "averaged")
 REFERENCE_TEMPLATE_LENGTHS = (5, 10)
+# ROME's own reference files (§11.3), which `preset="reference"` uses instead of the AlphaEdit files' target
+# settings: Adam step 0.5 everywhere (AlphaEdit's Llama-3-8B file: 0.1) and 20 steps for GPT-J (AlphaEdit's: 25).
+REFERENCE_TARGET_SETTINGS: dict[str, dict[str, float]] = {
+    "gpt2-xl": {"v_lr": 0.5, "v_num_grad_steps": 20},
+    "gpt-j-6b": {"v_lr": 0.5, "v_num_grad_steps": 20},
+    "llama3-8b": {"v_lr": 0.5, "v_num_grad_steps": 25},
+}
 
 
 @dataclass

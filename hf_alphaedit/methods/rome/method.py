@@ -15,7 +15,7 @@ from ...updates import BatchUpdate, LayerUpdate
 from ..base import EditContext
 from ..prompts import encode_with_subject, generate_context_templates
 from ..targets import TargetOptimizer, TargetResult
-from .config import RomeConfig
+from .config import REFERENCE_TARGET_SETTINGS, RomeConfig
 
 _GATED_V_WEIGHT_DECAY = 1e-3
 _GPT_V_WEIGHT_DECAY = 0.5
@@ -33,6 +33,11 @@ class Rome:
     """
 
     sequential_state: tuple[str, ...] = ()  # `commit` keeps nothing; the covariance factors are constants
+
+    @staticmethod
+    def reference_hyperparameters(reference_file: str) -> dict[str, float]:
+        """ROME's own reference values of the shared target settings (`preset="reference"`, §11.3)."""
+        return dict(REFERENCE_TARGET_SETTINGS[reference_file])
 
     @staticmethod
     def default_layers(spec: ModelSpec, locate_then_edit_layers: tuple[int, ...], config: Any) -> tuple[int, ...]:
@@ -57,7 +62,8 @@ class Rome:
             layer: dataclasses.replace(hp, layers=(layer,), clamp_norm_factor=self.config.rome_clamp_norm_factor,
                                        v_weight_decay=weight_decay)
             for layer in hp.layers}
-        self.templates = rome_context_templates(context.model, context.tokenizer, self.config)
+        self.templates = rome_context_templates(context.model, context.tokenizer, self.config,
+                                                keep_special_tokens=hp.context_template_special_tokens)
         self.covariance_factors: dict[int, torch.Tensor] = (
             _covariance_factors(context, hp.layers) if mom2_adjustment else {})
 
@@ -141,9 +147,11 @@ class Rome:
         return captured["keys"], captured["outputs"]
 
 
-def rome_context_templates(model: torch.nn.Module, tokenizer: Any, config: RomeConfig) -> list[str]:
+def rome_context_templates(model: torch.nn.Module, tokenizer: Any, config: RomeConfig,
+                           keep_special_tokens: bool = False) -> list[str]:
     """`["{}"]` plus `rome_templates_per_length` seeded samples of each length in `rome_template_lengths` (§3.8:
-    21 templates by default), each ending in `". {}"`; the seed words take turns as in the reference."""
+    21 templates by default), each ending in `". {}"`; the seed words take turns as in the reference
+    (`keep_special_tokens`: see `generate_context_templates`)."""
     templates = ["{}"]
     per_round = len(CONTEXT_SEED_WORDS)
     calls = 0
@@ -151,7 +159,8 @@ def rome_context_templates(model: torch.nn.Module, tokenizer: Any, config: RomeC
         for first in range(0, config.rome_templates_per_length, per_round):
             count = min(per_round, config.rome_templates_per_length - first)
             samples = generate_context_templates(model, tokenizer, length, count,
-                                                 seed=config.rome_template_seed + calls)
+                                                 seed=config.rome_template_seed + calls,
+                                                 keep_special_tokens=keep_special_tokens)
             templates.extend(samples[1:])
             calls += 1
     return templates
