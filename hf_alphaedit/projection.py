@@ -217,8 +217,9 @@ class NullSpaceProjector:
 def orthogonal_complement(basis: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis `[d, d - m]` of the orthogonal complement of the span of orthonormal `basis` `[d, m]`.
 
-    The last `d - m` columns of a complete QR factorisation: exact up to round-off and deterministic, so a
-    projector rebuilt from a stored complement is bit-identical to the one that stored it. AlphaEdit's update
+    The last `d - m` columns of a complete QR factorisation: exact up to round-off and deterministic for a given
+    number of threads, so a projector rebuilt from a stored complement is bit-identical to the one that stored it
+    (with another thread count, equal up to round-off). AlphaEdit's update
     depends only on the subspace, not on the choice of basis.
     """
     q, _ = torch.linalg.qr(basis, mode="complete")

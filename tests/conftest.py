@@ -11,11 +11,12 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import torch
 
 from tests.hub_server import HubServer
 
@@ -25,7 +26,6 @@ if TYPE_CHECKING:  # imported lazily below: the environment must be set before a
 # Set before any Hugging Face library is imported: several of these are read only at import time
 # (HUB_INTEGRATION.md §0 and §1.4), and the endpoint is copied into constants by every library.
 _HUB = HubServer().start()
-_ALL_THREADS = os.cpu_count() or 1
 _HF_HOME = tempfile.mkdtemp(prefix="hf_alphaedit_tests_hf_home_")
 atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 atexit.register(_HUB.shutdown)
@@ -41,15 +41,20 @@ os.environ["HF_UPDATE_DOWNLOAD_COUNTS"] = "false"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Tiny models run on one thread for the whole session (module fixtures included): their matrices are so small that a
+# second OpenMP thread only adds synchronisation, which on a 2-core machine with anything else running made their
+# forward passes 10x slower (20 s instead of 1.4 s for the context templates of one editor).
+_ALL_THREADS = torch.get_num_threads()
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
-def _torch_threads(request: pytest.FixtureRequest) -> None:
-    """Tiny models on one thread, the real model (``slow``) on every core: the tiny models' matrices are so small that
-    a second OpenMP thread only adds synchronisation, which on a 2-core machine with anything else running made their
-    forward passes 10x slower (20 s instead of 1.4 s for the context templates of one editor)."""
-    import torch
-
-    torch.set_num_threads(_ALL_THREADS if request.node.get_closest_marker("slow") else 1)
+def _torch_threads(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The real model's tests (``slow``) on every core; everything else on one thread (see ``_ALL_THREADS``)."""
+    slow = request.node.get_closest_marker("slow") is not None
+    torch.set_num_threads(_ALL_THREADS if slow else 1)
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

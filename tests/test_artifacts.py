@@ -198,8 +198,10 @@ def test_push_then_fetch_from_an_empty_cache_is_bit_identical(tmp_path, projecto
     assert list(fresh_hf_cache.rglob(ARTIFACT_CONFIG))
     card = ModelCard.load(repo_id)
     assert card.data.base_model == "tester/tiny-llama" and card.data.library_name == "hf_alphaedit"
-    # A fresh process with its own empty cache reads the same bytes.
-    script = ("import hashlib, sys\nfrom hf_alphaedit import NullSpaceProjector\n"
+    # A fresh process with its own empty cache reads the same bytes (LAPACK's QR, which rebuilds a stored
+    # complement, is deterministic for a given number of threads: the other process uses as many as this one).
+    script = ("import hashlib, sys, torch\nfrom hf_alphaedit import NullSpaceProjector\n"
+              f"torch.set_num_threads({torch.get_num_threads()})\n"
               "p = NullSpaceProjector.from_pretrained(sys.argv[1])\n"
               "print(hashlib.sha256(p.bases[2].numpy().tobytes()).hexdigest())")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "other-cache")}
