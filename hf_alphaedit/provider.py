@@ -3,9 +3,10 @@ projection`), memory, the disk cache, or one collection pass over `statistics_co
 
 Statistics always describe the base model: they are read, fingerprinted and collected inside
 `engine.without_edits()`. Under `torchrun` / `accelerate launch` the collection pass is shared by the processes
-(`distributed.data_parallel`); every rank gets the combined statistics and rank 0 alone writes the cache and pushes. The disk cache is keyed on an exact digest of the weights they depend on (embeddings
-and the blocks up to the layer), the model dtype, the transformers version, the corpus and the sampling settings,
-so statistics of other weights are never reused; non-finite statistics are never cached.
+(`distributed.data_parallel`); every rank gets the combined statistics and rank 0 alone writes the cache and
+pushes. The disk cache is keyed on an exact digest of the weights they depend on (embeddings and the blocks up to
+the layer), the model dtype, the transformers version, the corpus and the sampling settings, so statistics of other
+weights are never reused; non-finite statistics are never cached.
 """
 
 from __future__ import annotations

@@ -198,8 +198,8 @@ def collect_key_statistics(
     grouped into shards of about `SHARD_TOKENS` tokens (or `MIN_SHARDS` shards). With `parallel` (a data-parallel
     run) each rank runs every `world_size`-th shard and one float64 all-reduce combines the sums, so every rank
     returns the statistics of all texts: equal to one process's up to the order in which the float64 shard sums
-    are added. Works for any model dtype and any placement of the layers (each layer's sums live on its own device); products are formed in
-    float32 and accumulated in float64.
+    are added. Works for any model dtype and any placement of the layers (each layer's sums live on its own
+    device); products are formed in float32 and accumulated in float64.
     """
     layers = sorted(layers)
     encoded = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
