@@ -2,6 +2,7 @@
 
     python scripts/benchmark_core.py [--statistics_samples 1000] [--batch_sizes 20 100] [--target_requests 10]
                                      [--parts statistics edits targets] [--target_batch_tokens 8192]
+                                     [--preset reference]
 
 Prints and writes JSON (`--output`, default benchmark_results/core.json) with
 (a) statistics-pass tokens/s vs a bare full forward and vs a forward truncated after the deepest edited module
@@ -112,6 +113,8 @@ def main() -> None:
     parser.add_argument("--statistics_samples", type=int, default=1000)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[20, 100])
     parser.add_argument("--target_requests", type=int, default=10)
+    parser.add_argument("--preset", choices=("auto", "reference"), default="auto",
+                        help="'reference': the official hyperparameters (25 steps, no large first step) on both sides")
     parser.add_argument("--statistics_rounds", type=int, default=3)
     parser.add_argument("--target_batch_tokens", type=int, default=EditingArguments.target_batch_tokens,
                         help="token budget of one target micro-batch (peak memory: run one process per value)")
@@ -121,7 +124,7 @@ def main() -> None:
     options = parser.parse_args()
     args = EditingArguments(statistics_corpus=str(DATA / "wikitext-2" / "valid.txt"),
                             statistics_samples=options.statistics_samples, disable_tqdm=True,
-                            target_batch_tokens=options.target_batch_tokens)
+                            target_batch_tokens=options.target_batch_tokens, preset=options.preset)
     model = AlphaEditModel.from_pretrained(editing_args=args)
     records = json.loads((DATA / "counterfact" / "counterfact-edit.json").read_text())[:max(options.batch_sizes)]
     report: dict = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
