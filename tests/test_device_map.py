@@ -40,8 +40,8 @@ def folder(tmp_path_factory, shared_data) -> Path:
 
 
 def _load(folder: Path, cache: str, device_map: str | dict[str, str]) -> AlphaEditModel:
-    args = EditingArguments(statistics_corpus=str(folder / "corpus.txt"), statistics_samples=40,
-                            statistics_cache_dir=str(folder / cache), disable_tqdm=True, v_num_grad_steps=4,
+    args = EditingArguments(statistics_corpus=str(folder / "corpus.txt"), statistics_samples=20,
+                            statistics_cache_dir=str(folder / cache), disable_tqdm=True, v_num_grad_steps=2,
                             v_lr=0.5, layers=LAYERS, nullspace_threshold=1e-2, projection="compute")
     return AlphaEditModel.from_pretrained(str(folder / "tiny"), args, device_map=device_map,
                                           offload_folder=str(folder / f"offload-{cache}"))
