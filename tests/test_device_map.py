@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hf_alphaedit import AlphaEditModel, EditingArguments
-from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
+from tests.tiny_models import tiny_causal_lm_with_large_activations, tiny_tokenizer
 
 LAYERS = [1, 2]
 REQUESTS = [
@@ -26,12 +26,7 @@ REQUESTS = [
 def folder(tmp_path_factory, shared_data) -> Path:
     """A tiny Llama (4 blocks, larger activations so the edits move the logits) and a 40-line corpus."""
     root = tmp_path_factory.mktemp("device_map")
-    model = tiny_causal_lm("llama")
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and not name.endswith(("down_proj", "lm_head")):
-                module.weight.mul_(4.0)
-    model.save_pretrained(root / "tiny")
+    tiny_causal_lm_with_large_activations("llama").save_pretrained(root / "tiny")
     tiny_tokenizer().save_pretrained(root / "tiny")
     lines = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()
     (root / "corpus.txt").write_text("\n".join([line.strip() for line in lines if line.strip()][:40]),
