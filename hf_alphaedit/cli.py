@@ -35,6 +35,7 @@ from .checkpointing import (
     latest_checkpoint,
 )
 from .demo.session import DemoLimits
+from .distributed import DistributedError, data_parallel, default_device, end_data_parallel
 from .fields import validate_fields
 from .hub import DEFAULT_MODEL
 from .methods import get_method_classes, list_methods
@@ -107,8 +108,10 @@ class ModelArguments:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _flag(
         "Weight dtype to load ('auto': as stored). Statistics and solves are float32 or float64 regardless.",
         default="auto")
-    device: str | None = _flag("Device to load the model on ('cpu', 'cuda', 'cuda:1', 'mps'). Default: cuda when "
-                               "available, else cpu.", default=None)
+    device: str | None = _flag(
+        "Device to load the model on ('cpu', 'cuda', 'cuda:1', 'mps'), or 'auto' to spread a model larger than one "
+        "device over the GPUs and the CPU (accelerate's device_map; the edited layers must not be offloaded). "
+        "Default: cuda when available (this rank's GPU under torchrun / accelerate launch), else cpu.", default=None)
     trust_remote_code: bool = _flag("Run the model repo's own code (only for repos you trust).", default=False)
 
     def __post_init__(self) -> None:
@@ -119,8 +122,8 @@ class ModelArguments:
         """Keyword arguments for `AlphaEditModel.from_pretrained`."""
         import torch
 
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return {"revision": self.revision, "trust_remote_code": self.trust_remote_code, "device_map": device,
+        return {"revision": self.revision, "trust_remote_code": self.trust_remote_code,
+                "device_map": self.device or default_device(),
                 "dtype": self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)}
 
 
@@ -294,10 +297,16 @@ class Command:
 
 def _run_stats(parsed: Parsed) -> None:
     args: EditingArguments = parsed[EditingArguments]
-    _refuse_foreign_output_dir(args.output_dir, ARTIFACT_CONFIG, args.overwrite_output_dir)
+    parallel = data_parallel()
+    main_process = parallel is None or parallel.is_main
+    if main_process:
+        _refuse_foreign_output_dir(args.output_dir, ARTIFACT_CONFIG, args.overwrite_output_dir)
     start = time.perf_counter()
     editor = _load_editor(parsed)
     projector = editor.null_space_projector(editor.hparams.layers)  # pushes it when push_projection_to_hub
+    if not main_process:  # every rank holds the combined statistics; rank 0 writes them
+        parallel.barrier("waiting for rank 0 to write the artifact")
+        return
     if args.output_dir:
         projector.save_pretrained(args.output_dir)
     statistics = projector.statistics
@@ -306,6 +315,7 @@ def _run_stats(parsed: Parsed) -> None:
         ("layers", list(projector.layers)),
         ("corpus", args.statistics_corpus if editor.projection_source is None else None),
         ("tokens per layer", statistics.counts[projector.layers[0]] if statistics is not None else None),
+        ("processes", parallel.world_size if parallel is not None else None),
         ("null space", ", ".join(f"layer {layer}: {projector.null_space_dim(layer)}/{projector.bases[layer].shape[0]}"
                                  for layer in projector.layers)),
         ("threshold", f"{projector.threshold:g} ({projector.threshold_mode})"),
@@ -314,6 +324,8 @@ def _run_stats(parsed: Parsed) -> None:
         ("from / pushed to", _hub_location(editor.projection_source)),
     ]
     _print_summary("key statistics", rows)
+    if parallel is not None:
+        parallel.barrier("releasing the other ranks")
 
 
 def _run_edit(parsed: Parsed) -> None:
@@ -861,10 +873,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.debug("input error", exc_info=True)
         print(f"{PROG} {command.name}: error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:  # network, Hub and disk failures: one line, the traceback with --log_level debug
+    except (OSError, DistributedError) as error:  # network, Hub, disk and peer failures: one line
         logger.debug("failure", exc_info=True)
         print(f"{PROG} {command.name}: failed: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+    finally:
+        end_data_parallel()
     return 0
 
 

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import torch
+from accelerate.utils import has_offloaded_params
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -87,6 +88,7 @@ class EditEngine:
     """
 
     def __init__(self, model: nn.Module, spec: ModelSpec, state: EditState) -> None:
+        refuse_offloaded_layers(model, spec, state.layers)
         self.model, self.spec, self.state = model, spec, state
         self.lock = threading.RLock()
         self.method: Any = None
@@ -349,6 +351,19 @@ class EditEngine:
                 for name, p in self.model.named_parameters():
                     p.requires_grad_(flags[name])
                 self.model.train(was_training)
+
+
+def refuse_offloaded_layers(model: nn.Module, spec: ModelSpec, layers: Sequence[int]) -> None:
+    """Raise `ValueError` naming the first of `layers` whose edited matrix `device_map` offloaded (to the CPU of a
+    GPU machine, or to disk): accelerate loads such a weight for each forward, so it cannot be edited in place."""
+    for layer in layers:
+        module = spec.rewrite_module(model, layer)
+        if has_offloaded_params(module) or module.weight.device.type == "meta":
+            raise ValueError(
+                f"layers: layer {layer} ({spec.rewrite_module_name(layer)}) is offloaded by the device_map, and an "
+                "offloaded weight cannot be edited in place. Keep the edited layers on a device: give "
+                f"'{spec.block_name(layer)}' a GPU in the device_map (or 'cpu' on a machine without one), raise "
+                "max_memory, or edit other layers.")
 
 
 def copy_method_state(method: Any) -> dict[str, dict[Any, torch.Tensor]]:

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from accelerate.utils import align_module_device
 from torch import nn
 
 from .architectures import ModelSpec
@@ -62,16 +63,16 @@ def weights_digests(model: nn.Module, spec: ModelSpec, layers: Sequence[int]) ->
         block = next((layer for prefix, layer in blocks.items() if name.startswith(prefix)), None)
         if block is None:
             if id(parameter) not in excluded:
-                outside.append((name, parameter))
+                outside.append(name)
         else:
-            per_block.setdefault(block, []).append((name, parameter))
+            per_block.setdefault(block, []).append(name)
     digest = hashlib.sha256()
-    for name, parameter in outside:
-        _hash_parameter(digest, name, parameter)
+    for name in outside:
+        _hash_parameter(digest, name, model)
     digests = {}
     for block in range(max(layers, default=-1) + 1):
-        for name, parameter in per_block.get(block, []):
-            _hash_parameter(digest, name, parameter)
+        for name in per_block.get(block, []):
+            _hash_parameter(digest, name, model)
         if block in layers:
             digests[block] = digest.copy().hexdigest()
     return digests
@@ -81,8 +82,8 @@ def weights_sha256(model: nn.Module) -> str:
     """SHA-256 (hex) over every parameter of `model` (name, dtype, shape and bytes, in `named_parameters` order;
     tied weights once): equal digests, bitwise equal weights."""
     digest = hashlib.sha256()
-    for name, parameter in model.named_parameters():
-        _hash_parameter(digest, name, parameter)
+    for name, _ in model.named_parameters():
+        _hash_parameter(digest, name, model)
     return digest.hexdigest()
 
 
@@ -101,12 +102,18 @@ def records_sha256(records: Sequence[Mapping[str, Any]]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _hash_parameter(digest: Any, name: str, parameter: torch.Tensor) -> None:
-    digest.update(f"{name}:{parameter.dtype}:{tuple(parameter.shape)}\n".encode())
-    flat = parameter.detach().reshape(-1)
-    for start in range(0, flat.numel(), _DIGEST_CHUNK_ELEMENTS):
-        chunk = flat[start:start + _DIGEST_CHUNK_ELEMENTS].to("cpu").contiguous()
-        digest.update(chunk.view(torch.uint8).numpy().tobytes())
+def _hash_parameter(digest: Any, name: str, model: nn.Module) -> None:
+    """Hash the parameter `name` of `model`, read from accelerate's offload (disk or CPU) when `device_map`
+    offloaded its module: then the parameter itself is a placeholder on the meta device."""
+    module_name, _, parameter_name = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    with align_module_device(module):
+        parameter = getattr(module, parameter_name)
+        digest.update(f"{name}:{parameter.dtype}:{tuple(parameter.shape)}\n".encode())
+        flat = parameter.detach().reshape(-1)
+        for start in range(0, flat.numel(), _DIGEST_CHUNK_ELEMENTS):
+            chunk = flat[start:start + _DIGEST_CHUNK_ELEMENTS].to("cpu").contiguous()
+            digest.update(chunk.view(torch.uint8).numpy().tobytes())
 
 
 def _head_parameters(model: nn.Module, spec: ModelSpec) -> set[int]:

@@ -29,22 +29,24 @@ class _StopForward(Exception):
 
 
 @contextlib.contextmanager
-def stop_after(module: nn.Module) -> Iterator[None]:
-    """Within the context, a forward pass ends right after `module` has run (use `run_until`)."""
+def stop_after(module: nn.Module, *, inclusive: bool = True) -> Iterator[None]:
+    """Within the context, a forward pass ends right after `module` has run, or (`inclusive=False`) when its
+    input is ready, after the pre-hooks registered before this one (use `run_until`)."""
 
     def hook(*_: Any) -> None:
         raise _StopForward
 
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_hook(hook) if inclusive else module.register_forward_pre_hook(hook)
     try:
         yield
     finally:
         handle.remove()
 
 
-def run_until(model: nn.Module, module: nn.Module, **inputs: Any) -> None:
-    """Run `model(**inputs)` only up to (and including) `module`; outputs are read through hooks."""
-    with stop_after(module), contextlib.suppress(_StopForward):
+def run_until(model: nn.Module, module: nn.Module, *, inclusive: bool = True, **inputs: Any) -> None:
+    """Run `model(**inputs)` only up to (and, unless `inclusive=False`, including) `module`; outputs are read
+    through hooks."""
+    with stop_after(module, inclusive=inclusive), contextlib.suppress(_StopForward):
         model(**{"use_cache": False, **inputs})
 
 

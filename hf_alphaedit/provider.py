@@ -2,9 +2,11 @@
 projection`), memory, the disk cache, or one collection pass over `statistics_corpus`, in that order.
 
 Statistics always describe the base model: they are read, fingerprinted and collected inside
-`engine.without_edits()`. The disk cache is keyed on an exact digest of the weights they depend on (embeddings
-and the blocks up to the layer), the model dtype, the transformers version, the corpus and the sampling settings,
-so statistics of other weights are never reused; non-finite statistics are never cached.
+`engine.without_edits()`. Under `torchrun` / `accelerate launch` the collection pass is shared by the processes
+(`distributed.data_parallel`); every rank gets the combined statistics and rank 0 alone writes the cache and
+pushes. The disk cache is keyed on an exact digest of the weights they depend on (embeddings and the blocks up to
+the layer), the model dtype, the transformers version, the corpus and the sampling settings, so statistics of other
+weights are never reused; non-finite statistics are never cached.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ._version import __version__
 from .architectures import ModelSpec
 from .artifacts import ArtifactError, check_artifact, default_artifact_repo_id, model_provenance
 from .corpus import corpus_fingerprint, load_corpus_texts
+from .distributed import data_parallel
 from .engine import EditEngine
 from .fingerprint import weight_fingerprint, weights_digests
 from .hparams import ResolvedHyperparameters
@@ -96,13 +99,15 @@ class StatisticsProvider:
                 samples=args.statistics_samples, max_length=max_length,
                 dtype=str(self.spec.weight(model, layer).dtype), transformers=transformers.__version__)
             paths[layer] = cache_dir / f"{self.spec.model_type}-layer{layer}-{key}.safetensors"
-        to_collect = []
+        parallel = data_parallel()
+        # In a data-parallel run every rank collects the layers that any rank lacks (each rank's cache folder may
+        # differ), so that all of them take part in the same collectives.
+        to_collect = [layer for layer in layers if (not paths[layer].exists() if parallel is None else parallel.any(
+            not paths[layer].exists(), f"checking the statistics cache of layer {layer}"))]
         for layer in layers:
-            if paths[layer].exists():
+            if layer not in to_collect:
                 total, count, meta = load_layer_statistics(paths[layer])
                 self._statistics[layer] = KeyStatistics({layer: total}, {layer: count}, meta)
-            else:
-                to_collect.append(layer)
         if not to_collect:
             return
         texts = load_corpus_texts(args.statistics_corpus, args.statistics_samples)
@@ -111,13 +116,14 @@ class StatisticsProvider:
         try:
             collected = collect_key_statistics(model, self.tokenizer, self.spec, to_collect, texts,
                                                max_length=max_length, batch_tokens=args.statistics_batch_tokens,
-                                               show_progress=not args.disable_tqdm)
+                                               show_progress=not args.disable_tqdm, parallel=parallel)
         finally:
             model.train(was_training)
         collected.metadata.update(corpus=args.statistics_corpus, package_version=__version__)
         for layer in to_collect:
             single = collected.subset([layer])
-            save_layer_statistics(paths[layer], single, layer)
+            if parallel is None or parallel.is_main:
+                save_layer_statistics(paths[layer], single, layer)
             self._statistics[layer] = single
 
     def null_space_projector(self, layers: Sequence[int]) -> NullSpaceProjector:
@@ -141,7 +147,9 @@ class StatisticsProvider:
                                                            hp.nullspace_threshold_mode)
         self._projectors[layers] = projector
         if artifact is None and self.editing_args.push_projection_to_hub:
-            self.push_projection_to_hub()
+            parallel = data_parallel()
+            if parallel is None or parallel.is_main:  # one push per data-parallel run
+                self.push_projection_to_hub()
         return projector
 
     def push_projection_to_hub(self, repo_id: str | None = None, *, private: bool | None = None,
@@ -188,6 +196,14 @@ class StatisticsProvider:
             reason = hub_unreachable_reason(err) or f"{type(err).__name__}: {str(err).splitlines()[0]}"
             logger.info("projection='auto': no usable key-statistics artifact at %s (%s); computing them from %s",
                         name, reason, args.statistics_corpus)
+            artifact = None
+        parallel = data_parallel()
+        if parallel is not None and parallel.any(artifact is None, "looking for the projection artifact"):
+            if artifact is not None:
+                logger.info("projection='auto': another rank could not use %s; all ranks compute the statistics",
+                            name)
+            return None
+        if artifact is None:
             return None
         logger.info("using the key statistics%s of %s", " and projector" if artifact.projector else "", name)
         self._artifact = artifact

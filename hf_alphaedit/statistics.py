@@ -1,18 +1,20 @@
 """Key statistics: the uncentered second moment of the edited modules' inputs on generic text.
 
 One streaming pass collects every edited layer at once: a pre-hook on each edited module accumulates
-`Σ k kᵀ` over the non-padding tokens, and the forward stops right after the deepest edited module. Samples are
+`Σ k kᵀ` over the non-padding tokens, and the forward stops at the deepest edited module's input. Samples are
 sorted by length and packed under a token budget, so padding is a few percent instead of the reference's ~60%.
-Sums are kept in float64 together with token counts, so statistics from shards or corpora merge by addition.
+Sums are kept in float64 together with token counts, so statistics from shards, processes or corpora merge by
+addition; under `torchrun` / `accelerate launch` the shards are spread over the processes (`distributed.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,12 +38,21 @@ from .artifacts import (
     statistics_path,
     write_artifact,
 )
+from .distributed import DataParallel
 from .errors import check_finite
 from .forward import right_pad, run_until
 
-# Partial sums are formed in float32 matrix products (fast) and flushed into float64 every this many tokens,
-# which keeps the accumulated moment accurate to ~1e-7 relative even over 10^8 tokens.
-_FLUSH_TOKENS = 32768
+# Batches are grouped into shards of at least this many tokens (fewer for a small corpus, so that it still makes
+# `MIN_SHARDS` shards). A shard's keys are summed in float32 matrix products (fast) and added into the float64 total
+# when it ends, which keeps the moment accurate to ~1e-7 relative even over 10^8 tokens. Shards are also the unit of
+# data-parallel work and depend on the corpus alone, so a shard's float32 sum does not depend on the number of
+# processes: only the order in which the float64 shard sums are added does.
+SHARD_TOKENS = 32768
+MIN_SHARDS = 64
+# The upper triangle of Σ k kᵀ is formed by row blocks: more blocks skip more of the lower triangle, smaller ones
+# make slower matrix products.
+_TRIANGLE_BLOCKS = 8
+_MIN_TRIANGLE_BLOCK = 128
 
 
 @dataclass
@@ -178,56 +189,80 @@ def collect_key_statistics(
     max_length: int,
     batch_tokens: int = 8192,
     show_progress: bool = True,
+    parallel: DataParallel | None = None,
 ) -> KeyStatistics:
     """One forward pass over `texts` collecting `Σ k kᵀ` for every layer in `layers`.
 
-    Each text is tokenised on its own (with the tokenizer's special tokens) and truncated to `max_length`.
-    Works for any model dtype; products are formed in float32 and accumulated in float64.
+    Each text is tokenised on its own (with the tokenizer's special tokens) and truncated to `max_length`; the
+    sequences are sorted by length, packed into batches of at most `batch_tokens` padded tokens and the batches
+    grouped into shards of about `SHARD_TOKENS` tokens (or `MIN_SHARDS` shards). With `parallel` (a data-parallel
+    run) each rank runs every `world_size`-th shard and one float64 all-reduce combines the sums, so every rank
+    returns the statistics of all texts: equal to one process's up to the order in which the float64 shard sums
+    are added. Works for any model dtype and any placement of the layers (each layer's sums live on its own
+    device); products are formed in float32 and accumulated in float64.
     """
     layers = sorted(layers)
     encoded = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
     sequences = sorted((ids for ids in encoded if ids), key=len, reverse=True)
     batches = pack_by_token_budget(sequences, batch_tokens)
+    total_tokens = sum(len(s) for s in sequences)
+    shards = group_into_shards(batches, max(1, min(SHARD_TOKENS, total_tokens // MIN_SHARDS)))
+    if parallel is not None:
+        parallel.agree(total_tokens, "the number of corpus tokens")
+    mine = [shards[i] for i in (parallel.shard(len(shards)) if parallel is not None else range(len(shards)))]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    d_k = spec.key_size
-    partial = {layer: torch.zeros(d_k, d_k, dtype=torch.float32, device=device) for layer in layers}
-    sums = {layer: torch.zeros(d_k, d_k, dtype=torch.float64, device=device) for layer in layers}
+    input_device = model.get_input_embeddings().weight.device
+    moments: dict[int, _UpperTriangleSum] = {}
     counts = dict.fromkeys(layers, 0)
-    pending_tokens = 0
-    mask_holder: dict[str, torch.Tensor] = {}
+    real_tokens: dict[torch.device, torch.Tensor] = {}  # flat indices of the batch's non-padding tokens, per device
 
     def make_hook(layer: int):
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            mask = mask_holder["mask"]
-            keys = args[0].reshape(*mask.shape, -1)[mask].float()  # some models (OPT) flatten tokens
-            partial[layer].addmm_(keys.T, keys)
+            hidden = args[0]
+            index = real_tokens.get(hidden.device)
+            if index is None:
+                index = real_tokens[hidden.device] = next(iter(real_tokens.values())).to(hidden.device)
+            keys = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # some models (OPT) flatten tokens
+            if layer not in moments:
+                moments[layer] = _UpperTriangleSum(keys.shape[1], keys.device)
+            moments[layer].add(keys)
 
         return hook
 
     handles = [spec.rewrite_module(model, layer).register_forward_pre_hook(make_hook(layer)) for layer in layers]
     deepest = spec.rewrite_module(model, layers[-1])
-    total_tokens = sum(len(s) for s in sequences)
+    my_tokens = sum(len(s) for shard in mine for batch in shard for s in batch)
     try:
-        with torch.inference_mode(), tqdm(total=total_tokens, unit="tok", desc="key statistics",
+        with torch.inference_mode(), tqdm(total=my_tokens, unit="tok", desc="key statistics",
                                           disable=not show_progress) as bar:
-            for batch in batches:
-                input_ids, attention_mask = right_pad(batch, pad_id, device)
-                mask_holder["mask"] = attention_mask.bool()
-                run_until(model, deepest, input_ids=input_ids, attention_mask=attention_mask)
-                n_tokens = int(attention_mask.sum())
-                for layer in layers:
-                    counts[layer] += n_tokens
-                pending_tokens += n_tokens
-                if pending_tokens >= _FLUSH_TOKENS:
-                    _flush(partial, sums)
-                    pending_tokens = 0
-                bar.update(n_tokens)
-            _flush(partial, sums)
+            for shard in mine:
+                for batch in shard:
+                    input_ids, attention_mask = right_pad(batch, pad_id, input_device)
+                    real_tokens.clear()
+                    real_tokens[input_device] = attention_mask.reshape(-1).nonzero().squeeze(1)
+                    # Nothing after the deepest edited module's input is needed.
+                    run_until(model, deepest, inclusive=False, input_ids=input_ids, attention_mask=attention_mask)
+                    n_tokens = sum(len(s) for s in batch)
+                    for layer in layers:
+                        counts[layer] += n_tokens
+                    bar.update(n_tokens)
+                for moment in moments.values():
+                    moment.flush()
     finally:
         for handle in handles:
             handle.remove()
+    sums = {}
     for layer in layers:
+        moment = moments.get(layer)
+        if moment is None:  # a rank without shards
+            moment = _UpperTriangleSum(spec.key_size, spec.rewrite_module(model, layer).weight.device)
+        sums[layer] = moment.upper()
+    if parallel is not None:
+        for layer in layers:
+            sums[layer] = parallel.all_reduce_sum(sums[layer], f"combining the key statistics of layer {layer}")
+            counts[layer] = int(parallel.all_reduce_sum(torch.tensor([counts[layer]]), "combining token counts"))
+    for layer in layers:
+        sums[layer] = _symmetric_from_upper(sums[layer])
         check_finite(sums[layer], f"the key statistics of {spec.rewrite_module_name(layer)}",
                      "the model produces non-finite activations below it (check its weights); nothing was cached")
     padded = sum(len(b) * len(b[0]) for b in batches)
@@ -236,10 +271,73 @@ def collect_key_statistics(
     return KeyStatistics({k: v.cpu() for k, v in sums.items()}, counts, metadata)
 
 
-def _flush(partial: dict[int, torch.Tensor], sums: dict[int, torch.Tensor]) -> None:
-    for layer, value in partial.items():
-        sums[layer] += value.double()
-        value.zero_()
+class _UpperTriangleSum:
+    """`Σ k kᵀ` `[d_k, d_k]` of one layer, upper triangle only (the matrix is symmetric).
+
+    Keys are added with one matrix product per row block of the triangle (about 56% of the products of the full
+    matrix for 8 blocks) into a float32 partial sum, which `flush` adds into the float64 total.
+    """
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        count = max(1, min(_TRIANGLE_BLOCKS, size // _MIN_TRIANGLE_BLOCK))
+        edges = [round(i * size / count) for i in range(count + 1)]
+        self.row_blocks = list(zip(edges, edges[1:], strict=False))
+        self.partial = torch.zeros(size, size, dtype=torch.float32, device=device)
+        self.total = torch.zeros(size, size, dtype=torch.float64, device=device)
+
+    def add(self, keys: torch.Tensor) -> None:
+        """Add `Σ k kᵀ` of `keys` `[tokens, d_k]` (any float dtype) to the partial sum."""
+        with _exact_tf32(keys):
+            keys = keys.float()
+            for start, stop in self.row_blocks:
+                self.partial[start:stop, start:].addmm_(keys[:, start:stop].T, keys[:, start:])
+
+    def flush(self) -> None:
+        """Move the float32 partial sum into the float64 total."""
+        for start, stop in self.row_blocks:
+            self.total[start:stop, start:] += self.partial[start:stop, start:]
+        self.partial.zero_()
+
+    def upper(self) -> torch.Tensor:
+        """The float64 total with its strict lower triangle zeroed, `[d_k, d_k]`."""
+        return self.total.triu()
+
+
+@contextlib.contextmanager
+def _exact_tf32(keys: torch.Tensor) -> Iterator[None]:
+    """Let CUDA float32 products of bf16/fp16 keys run on TF32 tensor cores: TF32 keeps 10 mantissa bits, at least
+    as many as those formats, so the products are exactly those of float32 (accumulated in float32), several
+    times faster. Float32 keys keep full float32 products."""
+    if keys.device.type != "cuda" or keys.dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
+def _symmetric_from_upper(upper: torch.Tensor) -> torch.Tensor:
+    return upper + upper.triu(1).T
+
+
+def group_into_shards(batches: list[list[list[int]]], shard_tokens: int) -> list[list[list[list[int]]]]:
+    """Consecutive batches grouped into shards of at least `shard_tokens` real tokens (the last may hold fewer)."""
+    shards: list[list[list[list[int]]]] = []
+    current: list[list[list[int]]] = []
+    tokens = 0
+    for batch in batches:
+        current.append(batch)
+        tokens += sum(len(s) for s in batch)
+        if tokens >= shard_tokens:
+            shards.append(current)
+            current, tokens = [], 0
+    if current:
+        shards.append(current)
+    return shards
 
 
 def pack_by_token_budget(sequences: list[list[int]], batch_tokens: int) -> list[list[list[int]]]:

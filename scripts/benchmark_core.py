@@ -1,13 +1,16 @@
 """Core-engine benchmark on the embedded SmolLM2-135M-Instruct (CPU by default). Not a test.
 
     python scripts/benchmark_core.py [--statistics_samples 1000] [--batch_sizes 20 100] [--target_requests 10]
+                                     [--parts statistics edits targets] [--target_batch_tokens 8192]
+                                     [--preset reference]
 
 Prints and writes JSON (`--output`, default benchmark_results/core.json) with
 (a) statistics-pass tokens/s vs a bare full forward and vs a forward truncated after the deepest edited module
     over the same batches;
 (b) seconds per edit for one batch at each batch size, split into targets / keys / solve;
 (c) target optimisation: batched vs one request at a time (same fast forward), and vs one request at a time
-    through the whole model as the reference code runs it.
+    through the whole model as the reference code runs it;
+(d) the process's peak RSS and the load average (one process per configuration for memory figures).
 All ratios come from one run on one machine.
 """
 
@@ -15,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
 import time
 from pathlib import Path
 
@@ -33,13 +38,19 @@ DATA = ROOT.parent / "shared" / "data"
 
 
 def _timed(fn) -> float:
+    """Seconds `fn()` takes, GPU work included."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def benchmark_statistics(model: AlphaEditModel, samples: int) -> dict:
-    texts = load_corpus_texts(str(DATA / "wikitext-2" / "valid.txt"), samples)
+def benchmark_statistics(model: AlphaEditModel, texts: list[str], rounds: int) -> dict:
+    """Tokens/s of the statistics pass over `texts`, of a bare full forward and of a forward truncated after the
+    deepest edited module over the same packed batches (fastest of `rounds` interleaved rounds)."""
     layers, spec, args = list(model.hparams.layers), model.spec, model.editing_args
     max_length = model.provider.statistics_max_length()
     encoded = model.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
@@ -59,12 +70,16 @@ def benchmark_statistics(model: AlphaEditModel, samples: int) -> dict:
                 else:
                     model.model(input_ids=ids, attention_mask=mask, use_cache=False)
 
-    full = _timed(lambda: forward(False))
-    truncated = _timed(lambda: forward(True))
-    ours = _timed(lambda: collect_key_statistics(model.model, model.tokenizer, spec, layers, texts,
-                                                 max_length=max_length, batch_tokens=args.statistics_batch_tokens,
-                                                 show_progress=False))
+    def statistics_pass() -> None:
+        collect_key_statistics(model.model, model.tokenizer, spec, layers, texts, max_length=max_length,
+                               batch_tokens=args.statistics_batch_tokens, show_progress=False)
+
+    # Interleaved rounds, fastest of each: the three see the same machine load.
+    full, truncated, ours = (min(times) for times in zip(*[
+        (_timed(lambda: forward(False)), _timed(lambda: forward(True)), _timed(statistics_pass))
+        for _ in range(rounds)], strict=True))
     return {"samples": len(texts), "layers": layers, "tokens": tokens, "padding_fraction": 1 - tokens / padded,
+            "rounds": rounds, "load_average": os.getloadavg(),
             "tokens_per_s": {"statistics_pass": tokens / ours, "bare_full_forward": tokens / full,
                              "truncated_forward": tokens / truncated},
             "ratio_vs_truncated_forward": truncated / ours, "ratio_vs_full_forward": full / ours}
@@ -98,20 +113,35 @@ def main() -> None:
     parser.add_argument("--statistics_samples", type=int, default=1000)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[20, 100])
     parser.add_argument("--target_requests", type=int, default=10)
+    parser.add_argument("--preset", choices=("auto", "reference"), default="auto",
+                        help="'reference': the official hyperparameters (25 steps, no large first step) on both sides")
+    parser.add_argument("--statistics_rounds", type=int, default=3)
+    parser.add_argument("--target_batch_tokens", type=int, default=EditingArguments.target_batch_tokens,
+                        help="token budget of one target micro-batch (peak memory: run one process per value)")
+    parser.add_argument("--parts", nargs="+", choices=("statistics", "edits", "targets"),
+                        default=["statistics", "edits", "targets"])
     parser.add_argument("--output", default=str(ROOT / "benchmark_results" / "core.json"))
     options = parser.parse_args()
     args = EditingArguments(statistics_corpus=str(DATA / "wikitext-2" / "valid.txt"),
-                            statistics_samples=options.statistics_samples, disable_tqdm=True)
+                            statistics_samples=options.statistics_samples, disable_tqdm=True,
+                            target_batch_tokens=options.target_batch_tokens, preset=options.preset)
     model = AlphaEditModel.from_pretrained(editing_args=args)
     records = json.loads((DATA / "counterfact" / "counterfact-edit.json").read_text())[:max(options.batch_sizes)]
-    report = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
-                          "device": str(model.device)},
-              "statistics": benchmark_statistics(model, options.statistics_samples)}
-    print(json.dumps(report["statistics"], indent=2), flush=True)
-    report["edits"] = [benchmark_edits(model, records, size) for size in options.batch_sizes]
-    print(json.dumps(report["edits"], indent=2), flush=True)
-    report["targets"] = benchmark_targets(model, records, options.target_requests)
-    print(json.dumps(report["targets"], indent=2), flush=True)
+    report: dict = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
+                                "device": str(model.device)}}
+    if "statistics" in options.parts:
+        texts = load_corpus_texts(str(DATA / "wikitext-2" / "valid.txt"), options.statistics_samples)
+        report["statistics"] = benchmark_statistics(model, texts, options.statistics_rounds)
+        print(json.dumps(report["statistics"], indent=2), flush=True)
+    if "edits" in options.parts:
+        report["edits"] = [benchmark_edits(model, records, size) for size in options.batch_sizes]
+        print(json.dumps(report["edits"], indent=2), flush=True)
+    if "targets" in options.parts:
+        report["targets"] = benchmark_targets(model, records, options.target_requests)
+        print(json.dumps(report["targets"], indent=2), flush=True)
+    report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    report["load_average_at_end"] = os.getloadavg()
+    print(json.dumps({key: report[key] for key in ("peak_rss_gib", "load_average_at_end")}), flush=True)
     Path(options.output).parent.mkdir(parents=True, exist_ok=True)
     Path(options.output).write_text(json.dumps(report, indent=2))
 

@@ -15,7 +15,7 @@ PACKAGE = ROOT / "hf_alphaedit"
 # form a circle. An entry names a module or a subpackage (which covers everything below it).
 LAYERS: list[list[str]] = [
     ["_version", "errors", "fields", "updates", "requests", "corpus", "cards"],
-    ["architectures", "hparams", "registry", "hub", "forward"],
+    ["architectures", "hparams", "registry", "hub", "forward", "distributed"],
     ["fingerprint", "artifacts", "state"],
     ["statistics"],
     ["projection", "arguments"],
