@@ -45,14 +45,14 @@ def test_thirty_counterfact_edits_in_one_batch(editor, records):
     assert all(0 < projector.null_space_dim(layer) < editor.spec.key_size for layer in editor.hparams.layers)
 
 
-def test_sixty_sequential_edits_keep_the_first_batch_and_reset_exactly(editor, records):
+def test_forty_sequential_edits_keep_the_first_batch_and_reset_exactly(editor, records):
     original = {name: p.detach().clone() for name, p in editor.model.named_parameters()}
-    requests = as_edit_requests(records, batch_size=20)
+    requests = as_edit_requests(records[:40], batch_size=20)
     result = editor.edit(requests, batch_size=20)
     assert editor.forward_mode == "prefix_cache"  # the fast path, on the installed transformers
-    assert [b.num_edits for b in result.batches] == [20, 20, 20]
+    assert [b.num_edits for b in result.batches] == [20, 20]
     first = _efficacy(editor, records[:20])
-    print(f"first-batch efficacy after 60 edits: {first:.1f}; {result.seconds:.0f}s")
+    print(f"first-batch efficacy after 40 edits: {first:.1f}; {result.seconds:.0f}s")
     assert first >= 90
     editor.reset()
     assert all(torch.equal(p, original[name]) for name, p in editor.model.named_parameters())
