@@ -113,7 +113,7 @@ def test_word_tokenize_differs_from_nltk_only_where_the_fluency_card_says():
     """Runs where NLTK is installed (it is not a dependency): plain text is split alike; the differences are the
     ones the fluency metric card lists."""
     nltk_tokenize = pytest.importorskip("nltk.tokenize").NLTKWordTokenizer().tokenize
-    for text in ("Paris isn't in Italy, it's in France.", "The mother tongue of Danielle Darrieux is English.",
+    for text in ("Paris isn't in Italy, it's in France.", "A small library edits facts, one batch at a time.",
                  "He said (twice) that we can't -- and won't -- stop!"):
         assert word_tokenize(text) == nltk_tokenize(text)
     assert (word_tokenize('say "hi"'), nltk_tokenize('say "hi"')) == (["say", '"', "hi", '"'], ["say", "``", "hi", "''"])
