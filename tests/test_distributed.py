@@ -30,16 +30,13 @@ TORCHRUN_TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory, shared_data) -> Path:
-    """A tiny Llama folder, 60 corpus lines (~70 statistics batches of 256 tokens) and a `stats` config."""
+def config(tmp_path_factory, corpus_file) -> Path:
+    """A tiny Llama folder, conftest's 60 corpus lines (~70 statistics batches of 256 tokens) and a `stats` config."""
     root = tmp_path_factory.mktemp("distributed")
     tiny_causal_lm("llama").save_pretrained(root / "tiny")
     tiny_tokenizer().save_pretrained(root / "tiny")
-    lines = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()
-    (root / "corpus.txt").write_text("\n".join([line.strip() for line in lines if line.strip()][:60]),
-                                     encoding="utf-8")
     (root / "config.yaml").write_text(
-        f"model_name_or_path: {root / 'tiny'}\nstatistics_corpus: {root / 'corpus.txt'}\nstatistics_samples: 60\n"
+        f"model_name_or_path: {root / 'tiny'}\nstatistics_corpus: {corpus_file}\nstatistics_samples: 60\n"
         f"statistics_batch_tokens: 256\nlayers: [1, 2]\nnullspace_threshold: 1e-2\nprojection: compute\n"
         "device: cpu\nquiet: true\n", encoding="utf-8")
     return root / "config.yaml"
