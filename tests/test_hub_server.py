@@ -77,9 +77,10 @@ def published(hub_server: HubServer, tmp_path_factory: pytest.TempPathFactory) -
     repo_id = api.create_repo("published-model").repo_id
     hub_server.clear_requests()
     commit = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="Upload model")
-    # §1.5: validate-yaml → preupload → LFS batch → PUT → verify → commit.
+    # §1.5: validate-yaml → preupload → LFS batch → PUT → verify → commit. raw/sample.dat is an LFS file too and
+    # the client uploads LFS files on parallel threads, so only model.safetensors' own PUT and verify are ordered.
     sequence = [
-        (method, path.split("/")[-1] if path.startswith("/_lfs/") else path)
+        (method, path.removeprefix("/_lfs/") if path.startswith("/_lfs/") else path)
         for method, path in hub_server.requests
     ]
     lfs_oid = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
@@ -88,7 +89,7 @@ def published(hub_server: HubServer, tmp_path_factory: pytest.TempPathFactory) -
         ("POST", f"/api/models/{repo_id}/preupload/main"),
         ("POST", f"/{repo_id}.git/info/lfs/objects/batch"),
         ("PUT", lfs_oid),
-        ("POST", "verify"),
+        ("POST", f"{lfs_oid}/verify"),
         ("POST", f"/api/models/{repo_id}/commit/main"),
     ]
     assert list(dict.fromkeys(step for step in sequence if step in expected)) == expected
