@@ -155,22 +155,31 @@ def smollm2(smollm2_cache: Path, tmp_path_factory: pytest.TempPathFactory):
     return model, tokenizer
 
 
+# WikiText-2 lines behind the real model's key statistics in tests: collecting them takes about a minute on two
+# cores (1,000 lines took three), and every SmolLM2 test shares the one cached collection.
+SMOLLM2_STATISTICS_SAMPLES = 300
+
+
+@pytest.fixture(scope="session")
+def smollm2_statistics_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The statistics cache every SmolLM2 test shares (collected by whichever test needs it first)."""
+    return tmp_path_factory.mktemp("smollm2-statistics")
+
+
 @pytest.fixture()
-def smollm2_editor(smollm2, shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+def smollm2_editor(smollm2, shared_data: Path, smollm2_statistics_dir: Path):
     """``build(method="alphaedit", method_config=None, **editing_arguments) -> AlphaEditModel`` on the shared
-    SmolLM2, with WikiText-2 key statistics (1,000 lines unless ``statistics_samples`` says otherwise) cached
-    once per session; the shared model's weights are restored afterwards."""
+    SmolLM2, with WikiText-2 key statistics (``SMOLLM2_STATISTICS_SAMPLES`` lines unless ``statistics_samples``
+    says otherwise) cached once per session; the shared model's weights are restored afterwards."""
     from hf_alphaedit import AlphaEditModel, EditingArguments
 
     model, tokenizer = smollm2
     original = {k: v.clone() for k, v in model.state_dict().items()}
 
     def build(method: str = "alphaedit", method_config=None, **overrides) -> AlphaEditModel:
-        overrides = {"statistics_samples": 1000, **overrides}
+        overrides = {"statistics_samples": SMOLLM2_STATISTICS_SAMPLES, **overrides}
         args = EditingArguments(method=method, statistics_corpus=str(shared_data / "wikitext-2" / "valid.txt"),
-                                disable_tqdm=True,
-                                statistics_cache_dir=str(tmp_path_factory.getbasetemp() / "smollm2-statistics"),
-                                **overrides)
+                                disable_tqdm=True, statistics_cache_dir=str(smollm2_statistics_dir), **overrides)
         return AlphaEditModel(model, tokenizer, args, method_config=method_config)
 
     yield build

@@ -382,32 +382,23 @@ def test_push_edits_to_hub_lora_and_delta(corpus_file, tmp_path, hub_server, hub
 
 
 @pytest.mark.slow
-def test_smollm2_lora_export_after_real_edits(smollm2, shared_data, tmp_path):
-    model, tokenizer = smollm2
-    args = EditingArguments(statistics_corpus=str(shared_data / "wikitext-2" / "valid.txt"),
-                            statistics_samples=100,
-                            statistics_cache_dir=str(tmp_path / "stats"), disable_tqdm=True, v_num_grad_steps=15)
-    editor = AlphaEditModel(model, tokenizer, args)
-    original = {layer: editor.spec.weight(model, layer).detach().clone() for layer in editor.hparams.layers}
+def test_smollm2_lora_export_after_real_edits(smollm2_editor, tmp_path):
+    editor = smollm2_editor(v_num_grad_steps=15)
+    model, tokenizer = editor.model, editor.tokenizer
     ids = tokenizer(PROBE, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        pristine = model(ids).logits
+    editor.edit(REQUESTS[:2])
+    with torch.no_grad():
+        edited = model(ids).logits
+    assert _max_diff(edited, pristine) > 1e-2
+    folder = editor.save_edits(tmp_path / "lora", format="lora")
+    editor.reset()
+    with torch.no_grad():
+        assert _max_diff(model(ids).logits, pristine) <= 1e-4
+    peft_model = PeftModel.from_pretrained(model, folder).eval()
     try:
         with torch.no_grad():
-            pristine = model(ids).logits
-        editor.edit(REQUESTS[:2])
-        with torch.no_grad():
-            edited = model(ids).logits
-        assert _max_diff(edited, pristine) > 1e-2
-        folder = editor.save_edits(tmp_path / "lora", format="lora")
-        editor.reset()
-        with torch.no_grad():
-            assert _max_diff(model(ids).logits, pristine) <= 1e-4
-        peft_model = PeftModel.from_pretrained(model, folder).eval()
-        try:
-            with torch.no_grad():
-                assert _max_diff(peft_model(ids).logits, edited) <= 1e-4
-        finally:
-            peft_model.unload()
+            assert _max_diff(peft_model(ids).logits, edited) <= 1e-4
     finally:
-        with torch.no_grad():
-            for layer, weight in original.items():
-                editor.spec.weight(model, layer).copy_(weight)
+        peft_model.unload()
