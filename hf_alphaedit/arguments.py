@@ -27,6 +27,7 @@ from .hparams import (
     ResolvedHyperparameters,
     resolve_hyperparameters,
 )
+from .memory import parse_memory_budget
 from .registry import get_method_classes, projection_support
 
 if TYPE_CHECKING:
@@ -40,11 +41,11 @@ PRESETS = ("auto", "reference")
 PRUNE_ALPHAS = ("e", "2", "1.5", "1.2", "linear")
 PRUNE_RESTRAIN_AT = ("end", "every_batch")
 
-# Settings that act outside the run (pushes, tokens, folders and files of the machine that runs it). Published
-# edits never carry them into the loader's run (`EditingArguments.from_published`).
+# Settings that act outside the run (pushes, tokens, folders and files of the machine that runs it, how much of its
+# memory a run takes). Published edits never carry them into the loader's run (`EditingArguments.from_published`).
 SIDE_EFFECT_FIELDS = ("output_dir", "save_steps", "resume_from_checkpoint", "overwrite_output_dir",
                       "statistics_cache_dir", "push_projection_to_hub", "projection_hub_repo_id", "hub_private_repo",
-                      "hub_token", "disable_tqdm")
+                      "hub_token", "disable_tqdm", "target_memory_budget")
 # Settings that name where data comes from: taken from published edits only when they name a Hub repo or data set
 # (or a keyword), never a path on the loader's machine.
 SOURCE_FIELDS = ("statistics_corpus", "projection", "mend_editor")
@@ -159,6 +160,11 @@ class EditingArguments:
     target_batch_tokens: int = setting(
         "Token budget of one target-optimisation micro-batch (requests are independent, so results do not "
         "depend on it; lower it if memory runs out).", default=8192, low=1)
+    target_memory_budget: str | None = setting(
+        "Memory one target-optimisation micro-batch may hold until its backward pass: a size ('2GiB', '800MB'), "
+        "'auto' (half the memory free on the model's device when a batch starts) or 'none' (target_batch_tokens "
+        "alone). Micro-batches are sized from the bytes a probe step keeps per token; a request that does not fit "
+        "alone is optimised with activation checkpointing.", default="auto")
     context_template_length: int = setting("Token length of each generated context template.", default=10, low=1,
                                            high=MAX_CONTEXT_TEMPLATE_LENGTH)
     context_template_count: int = setting("Number of generated context templates (one per seed word, up to 5).",
@@ -189,6 +195,8 @@ class EditingArguments:
         _check_choice("preset", self.preset, PRESETS)
         _check_choice("fact_token", self.fact_token, FACT_TOKENS)
         _check_choice("nullspace_threshold_mode", self.nullspace_threshold_mode, THRESHOLD_MODES)
+        budget = parse_memory_budget("EditingArguments.target_memory_budget", self.target_memory_budget)
+        self.target_memory_budget = None if budget is None else str(budget)
         if isinstance(self.prune_alpha, (int, float)):  # YAML / parse_dict give numbers as numbers
             self.prune_alpha = "e" if self.prune_alpha == math.e else f"{self.prune_alpha:g}"
         _check_choice("prune_alpha", self.prune_alpha, PRUNE_ALPHAS)

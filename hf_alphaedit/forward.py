@@ -11,12 +11,14 @@ checks the equivalence numerically once per model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.func import functional_call
 from transformers import Cache
@@ -113,23 +115,43 @@ class BlockRunner:
         return hidden_inputs
 
     def run(self, hidden: torch.Tensor, start: int, stop: int, cache: Cache | None = None,
-            parameters: Mapping[int, Mapping[str, torch.Tensor]] | None = None) -> torch.Tensor:
+            parameters: Mapping[int, Mapping[str, torch.Tensor]] | None = None, checkpoint: bool = False
+            ) -> torch.Tensor:
         """Output `[batch, seq, d]` of block `stop-1` given the input `hidden` of block `start`.
 
         `cache` replaces the KV cache recorded in each block's call, whatever the argument is called
         (`cache`, `past_key_values`, `layer_past`) and whether it was passed by keyword or position.
         `parameters[index]` (names relative to the block, e.g. `mlp.down_proj.weight`) replace block `index`'s own
         tensors for this call (`torch.func.functional_call`: the module is not changed, gradients flow into them).
+        `checkpoint=True` keeps only each block's input for the backward pass and recomputes the block there
+        (`torch.utils.checkpoint`); the blocks must then not depend on forward hooks that are gone by then.
         """
         for index in range(start, stop):
-            positional, args, kwargs = self._calls[index]
-            if cache is not None:
-                args = tuple(cache if isinstance(a, Cache) else a for a in args)
-                kwargs = {k: cache if isinstance(v, Cache) else v for k, v in kwargs.items()}
-            call_args, call_kwargs = ((hidden, *args), kwargs) if positional else (args, {**kwargs, "hidden_states": hidden})
-            replaced = (parameters or {}).get(index)
-            block = self.blocks[index]
-            output = functional_call(block, dict(replaced), call_args, call_kwargs) if replaced else block(
-                *call_args, **call_kwargs)
-            hidden = block_output_hidden(output)
+            if checkpoint:
+                # A block appends its keys and values to the cache: its recomputation must see the cache as the
+                # first run did, so every run starts from (shallow copies of) the cache layers of that moment.
+                # Reentrant: with the non-reentrant variant, every micro-batch whose last forward was not
+                # backpropagated (the last step of a target optimisation) stayed in memory, gc.collect() or not.
+                layers = None if cache is None else list(cache.layers)
+                hidden = torch.utils.checkpoint.checkpoint(self._run_block, hidden, index, cache, parameters, layers,
+                                                           use_reentrant=True)
+            else:
+                hidden = self._run_block(hidden, index, cache, parameters)
         return hidden
+
+    def _run_block(self, hidden: torch.Tensor, index: int, cache: Cache | None,
+                   parameters: Mapping[int, Mapping[str, torch.Tensor]] | None,
+                   cache_layers: list[Any] | None = None) -> torch.Tensor:
+        """Output hidden state of block `index` on `hidden` (see `run`); `cache_layers` are restored first."""
+        positional, args, kwargs = self._calls[index]
+        if cache is not None:
+            if cache_layers is not None:
+                cache.layers[:] = [copy.copy(layer) for layer in cache_layers]
+            args = tuple(cache if isinstance(a, Cache) else a for a in args)
+            kwargs = {k: cache if isinstance(v, Cache) else v for k, v in kwargs.items()}
+        call_args, call_kwargs = ((hidden, *args), kwargs) if positional else (args, {**kwargs, "hidden_states": hidden})
+        replaced = (parameters or {}).get(index)
+        block = self.blocks[index]
+        output = functional_call(block, dict(replaced), call_args, call_kwargs) if replaced else block(
+            *call_args, **call_kwargs)
+        return block_output_hidden(output)

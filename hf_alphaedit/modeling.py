@@ -284,6 +284,7 @@ class AlphaEditModel(nn.Module):
             context_templates=self.state.context_templates, statistics=self.key_statistics,
             projector=self.null_space_projector, apply=self.engine.apply,
             forward_mode=self.engine.forward_mode or "full", target_batch_tokens=self.editing_args.target_batch_tokens,
+            target_memory_budget=self.editing_args.target_memory_budget,
             show_progress=not self.editing_args.disable_tqdm, hub_token=self.editing_args.hub_token)
         _, method_cls = get_method_classes(self.editing_args.method)
         if self.hparams.use_projection and getattr(method_cls, "projection", "optional") == "optional":

@@ -2,7 +2,7 @@
 
     python scripts/benchmark_core.py [--statistics_samples 1000] [--batch_sizes 20 100] [--target_requests 10]
                                      [--parts statistics edits targets] [--target_batch_tokens 8192]
-                                     [--preset reference]
+                                     [--target_memory_budget auto] [--preset reference]
 
 Prints and writes JSON (`--output`, default benchmark_results/core.json) with
 (a) statistics-pass tokens/s vs a bare full forward and vs a forward truncated after the deepest edited module
@@ -10,7 +10,8 @@ Prints and writes JSON (`--output`, default benchmark_results/core.json) with
 (b) seconds per edit for one batch at each batch size, split into targets / keys / solve;
 (c) target optimisation: batched vs one request at a time (same fast forward), and vs one request at a time
     through the whole model as the reference code runs it;
-(d) the process's peak RSS and the load average (one process per configuration for memory figures).
+(d) the process's peak RSS and the load average (one process per configuration for memory figures: e.g.
+    `--parts edits --batch_sizes 100 --target_memory_budget 1.5GiB` against `--target_memory_budget none`).
 All ratios come from one run on one machine.
 """
 
@@ -118,17 +119,22 @@ def main() -> None:
     parser.add_argument("--statistics_rounds", type=int, default=3)
     parser.add_argument("--target_batch_tokens", type=int, default=EditingArguments.target_batch_tokens,
                         help="token budget of one target micro-batch (peak memory: run one process per value)")
+    parser.add_argument("--target_memory_budget", default=EditingArguments.target_memory_budget,
+                        help="memory budget of one target micro-batch ('1.5GiB', 'auto', 'none')")
     parser.add_argument("--parts", nargs="+", choices=("statistics", "edits", "targets"),
                         default=["statistics", "edits", "targets"])
     parser.add_argument("--output", default=str(ROOT / "benchmark_results" / "core.json"))
     options = parser.parse_args()
     args = EditingArguments(statistics_corpus=str(DATA / "wikitext-2" / "valid.txt"),
                             statistics_samples=options.statistics_samples, disable_tqdm=True,
-                            target_batch_tokens=options.target_batch_tokens, preset=options.preset)
+                            target_batch_tokens=options.target_batch_tokens,
+                            target_memory_budget=options.target_memory_budget, preset=options.preset)
     model = AlphaEditModel.from_pretrained(editing_args=args)
     records = json.loads((DATA / "counterfact" / "counterfact-edit.json").read_text())[:max(options.batch_sizes)]
     report: dict = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
-                                "device": str(model.device)}}
+                                "device": str(model.device)},
+                    "settings": {"target_batch_tokens": options.target_batch_tokens,
+                                 "target_memory_budget": options.target_memory_budget}}
     if "statistics" in options.parts:
         texts = load_corpus_texts(str(DATA / "wikitext-2" / "valid.txt"), options.statistics_samples)
         report["statistics"] = benchmark_statistics(model, texts, options.statistics_rounds)

@@ -50,6 +50,7 @@ class EditContext:
     apply: Callable[[LayerUpdate], None]  # adds an update's `left @ right` to the matrix it names (the engine)
     forward_mode: ForwardMode = "prefix_cache"
     target_batch_tokens: int = 4096
+    target_memory_budget: str | None = None  # EditingArguments.target_memory_budget
     show_progress: bool = False
     # Optional constraint on every update before it is applied (e.g. the null-space projection of a method
     # that does not solve in the null space itself); returns the update as it will be applied.

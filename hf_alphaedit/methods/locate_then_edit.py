@@ -50,8 +50,8 @@ class LocateThenEditMethod:
         """The batch's targets `z` (§3) on the model as it is now."""
         ctx = self.context
         return TargetOptimizer(ctx.model, ctx.tokenizer, ctx.spec, ctx.hparams, ctx.context_templates,
-                               batch_tokens=ctx.target_batch_tokens, mode=ctx.forward_mode,
-                               show_progress=ctx.show_progress).optimize(requests)
+                               batch_tokens=ctx.target_batch_tokens, memory_budget=ctx.target_memory_budget,
+                               mode=ctx.forward_mode, show_progress=ctx.show_progress).optimize(requests)
 
     def edit_layers(self, requests: Sequence[EditRequest], targets: torch.Tensor,
                     timings: dict[str, float]) -> list[LayerUpdate]:

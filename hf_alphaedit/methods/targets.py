@@ -6,6 +6,10 @@ Exact with respect to the reference procedure; the speed comes from
 - running only the blocks above the z-layer (`BlockRunner`), and in `prefix_cache` mode only the tokens from each
   prompt's lookup position on: the hidden states below the z-layer and the tokens before δ do not depend on it;
 - computing vocabulary logits only at the positions the loss reads.
+
+Memory: requests are optimised in micro-batches whose token count keeps one step within `memory_budget`, sized from
+the bytes autograd keeps per token in a probe step; when a single request does not fit, the re-run blocks are
+recomputed in the backward pass instead of kept (activation checkpointing).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ..architectures import ModelSpec, block_output_hidden
 from ..errors import NonFiniteError
 from ..forward import BlockRunner, cache_argument, right_pad, run_until
 from ..hparams import ResolvedHyperparameters
+from ..memory import SavedTensorBytes, format_bytes, resolve_memory_budget, tensor_bytes
 from ..requests import EditRequest
 from .prompts import encode_with_subject, target_token_ids
 
@@ -38,6 +43,9 @@ _ADAM_EPS = 1e-8
 _RECAPTURE_FRACTION = 2 / 3
 _KL_PROMPT = "{} is a"
 _MODE_TOLERANCE = 1e-3
+# Peak memory of a step over the bytes autograd saves for it: the gradients the backward pass creates and the
+# allocator's slack (peak RSS was 1.6-1.7x the saved bytes for a Llama on CPU; see tests/test_memory.py).
+_BACKWARD_FACTOR = 2.0
 
 InjectionSite = Literal["block_output", "mlp_output"]
 """Where δ is added at the z-layer: the block's output (MEMIT/AlphaEdit/NSE, §3.4) or the output of its edited MLP
@@ -78,8 +86,9 @@ class TargetOptimizer:
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, spec: ModelSpec, hparams: ResolvedHyperparameters,
-                 templates: Sequence[str], *, batch_tokens: int = 4096, mode: ForwardMode = "prefix_cache",
-                 show_progress: bool = False, site: InjectionSite = "block_output") -> None:
+                 templates: Sequence[str], *, batch_tokens: int = 4096, memory_budget: str | int | None = None,
+                 mode: ForwardMode = "prefix_cache", show_progress: bool = False,
+                 site: InjectionSite = "block_output") -> None:
         self.model, self.tokenizer, self.spec, self.hparams = model, tokenizer, spec, hparams
         self.site = site
         z_layer = hparams.z_layer
@@ -88,6 +97,8 @@ class TargetOptimizer:
         self.first_rerun_block = z_layer + 1 if site == "block_output" else z_layer
         self.templates = list(templates)
         self.batch_tokens = batch_tokens
+        self.memory_budget = memory_budget  # bytes, 'auto' or None (`memory.resolve_memory_budget`)
+        self.checkpoint_blocks = False  # recompute the re-run blocks in the backward pass (set by the budget)
         self.mode = mode
         self.show_progress = show_progress
         self.device = next(model.parameters()).device
@@ -110,13 +121,17 @@ class TargetOptimizer:
         return sequences, target
 
     def optimize(self, requests: Sequence[EditRequest]) -> TargetResult:
-        """Targets `z` for all requests; requests are optimised in token-budgeted chunks (results identical)."""
+        """Targets `z` for all requests, optimised in micro-batches of at most `batch_tokens` tokens that fit the
+        memory budget (requests are independent: results equal up to float summation order)."""
         prepared = [self.sequences(r) for r in requests]
-        order = sorted(range(len(requests)), key=lambda i: sum(len(s.ids) for s in prepared[i][0]))
+        order = sorted(range(len(requests)), key=lambda i: _tokens(prepared[i]))
+        budget = resolve_memory_budget(self.memory_budget, self.device)
+        limit = self.batch_tokens if budget is None else min(self.batch_tokens,
+                                                              self._tokens_within(budget, prepared[order[-1]]))
         chunks, current, tokens = [], [], 0
         for i in order:
-            size = sum(len(s.ids) for s in prepared[i][0])
-            if current and tokens + size > self.batch_tokens:
+            size = _tokens(prepared[i])
+            if current and tokens + size > limit:
                 chunks.append(current)
                 current, tokens = [], 0
             current.append(i)
@@ -142,6 +157,53 @@ class TargetOptimizer:
                                  "hidden states or losses on their prompts are not finite (check its weights); "
                                  "nothing was applied.")
         return TargetResult(values, initial, losses, steps, probs)
+
+    def _tokens_within(self, budget: int, longest: tuple[list[_Sequence], list[int]]) -> int:
+        """Tokens per micro-batch that keep one step within `budget` bytes, from a probe step on the longest
+        request; turns on activation checkpointing when that request alone does not fit without it."""
+        tokens = _tokens(longest)
+        self.checkpoint_blocks = False
+        kept, recomputed = self._probe_bytes(longest)
+        for checkpoint, needed in ((False, kept), (True, recomputed)):
+            if needed is not None and needed <= budget:
+                self.checkpoint_blocks = checkpoint
+                if checkpoint:
+                    logger.info("target optimisation: one request needs %s, more than the memory budget of %s, so "
+                                "the re-run blocks are recomputed in the backward pass", format_bytes(kept),
+                                format_bytes(budget))
+                # A power of two, so that small changes of free memory ('auto') do not change the micro-batches.
+                return 2 ** int(math.log2(budget * tokens / needed))
+        self.checkpoint_blocks = recomputed is not None
+        logger.warning("target optimisation: one request needs %s, more than the memory budget of %s%s; requests "
+                       "are optimised one at a time", format_bytes(min(kept, recomputed or kept)),
+                       format_bytes(budget), " even with activation checkpointing" if recomputed else "")
+        return 1
+
+    def _probe_bytes(self, prepared: tuple[list[_Sequence], list[int]]) -> tuple[int, int | None]:
+        """Peak bytes of one step on `prepared` (one request): keeping the re-run blocks' activations, and
+        recomputing them in the backward pass (None where blocks are not re-run).
+
+        Measured: the tensors autograd saves for the backward pass (split into the re-run blocks' and the rest),
+        the micro-batch's captured states, and `_BACKWARD_FACTOR` for what the backward pass allocates on top.
+        With recomputation a block keeps only its input, and one block's activations exist at a time.
+        """
+        batch = self._capture([prepared], [0])
+        delta = torch.zeros(1, self.spec.hidden_size, device=self.device, requires_grad=True)
+        with SavedTensorBytes(exclude=tuple(self.model.parameters())) as saved:
+            last = self._last_hidden(batch, delta)
+            blocks = saved.bytes
+            log_probs = self._log_probs_at(batch, last)
+            kl_log_probs = log_probs[batch.kl_positions]
+            (batch.nll(log_probs) + (kl_log_probs.exp() * kl_log_probs).sum(-1)).sum()
+        cached = [tensor for pair in batch.prefix_cache or [] for tensor in pair]
+        rest = saved.bytes - blocks + tensor_bytes(batch.z_output, batch.rerun_input, *cached)
+        kept = _BACKWARD_FACTOR * (blocks + rest)
+        num_blocks = self.spec.num_layers - self.first_rerun_block
+        if batch.runner is None or num_blocks == 0 or self.site != "block_output":
+            # No re-run blocks, or δ added by a hook that is gone when a block is recomputed.
+            return int(kept), None
+        inputs = num_blocks * last.numel() * last.element_size()
+        return int(kept), int(_BACKWARD_FACTOR * (inputs + blocks / num_blocks + rest))
 
     def initial_log_probs(self, requests: Sequence[EditRequest]) -> torch.Tensor:
         """Log-probabilities `[positions, vocab]` the loss reads at δ = 0 (to compare forward modes)."""
@@ -282,18 +344,26 @@ class TargetOptimizer:
 
     def _log_probs(self, batch: _Batch, delta_rows: torch.Tensor) -> torch.Tensor:
         """Log-softmax `[positions, vocab]` (float32) at every position the losses read."""
+        return self._log_probs_at(batch, self._last_hidden(batch, delta_rows))
+
+    def _log_probs_at(self, batch: _Batch, last: torch.Tensor) -> torch.Tensor:
+        """Log-softmax `[positions, vocab]` (float32) from the last block's output `last` `[seqs, seq_len, d]`."""
+        gathered = last[batch.position_rows, batch.position_cols]
+        return torch.log_softmax(self.spec.logits(self.model, gathered).float(), dim=-1)
+
+    def _last_hidden(self, batch: _Batch, delta_rows: torch.Tensor) -> torch.Tensor:
+        """Output `[seqs, seq_len, d]` of the last block with δ of `delta_rows` `[requests, d]` added."""
         if batch.runner is not None:
             cache = self._fresh_cache(batch)
             start, stop = self.first_rerun_block, self.spec.num_layers
             if self.site == "block_output":
-                last = batch.runner.run(batch.with_delta(batch.z_output, delta_rows), start, stop, cache)
+                last = batch.runner.run(batch.with_delta(batch.z_output, delta_rows), start, stop, cache,
+                                        checkpoint=self.checkpoint_blocks)
             else:
                 with self._adding_delta(batch, delta_rows):
-                    last = batch.runner.run(batch.rerun_input, start, stop, cache)
-        else:
-            last = self._full_forward(batch, delta_rows)
-        gathered = last[batch.position_rows, batch.position_cols]
-        return torch.log_softmax(self.spec.logits(self.model, gathered).float(), dim=-1)
+                    last = batch.runner.run(batch.rerun_input, start, stop, cache, checkpoint=self.checkpoint_blocks)
+            return last
+        return self._full_forward(batch, delta_rows)
 
     def _full_forward(self, batch: _Batch, delta_rows: torch.Tensor | None, capture_z: bool = False) -> torch.Tensor:
         """Fallback without `BlockRunner`: the whole model, with δ added by a hook on the injection site."""
@@ -359,6 +429,11 @@ def choose_forward_mode(model: nn.Module, tokenizer: Any, spec: ModelSpec, hpara
                        "results)", mode, error, spec.model_type)
     logger.warning("editing %s with full forward passes (slower, same results)", spec.model_type)
     return "full"
+
+
+def _tokens(prepared: tuple[list[_Sequence], list[int]]) -> int:
+    """Tokens of one request's prompts (what micro-batches are sized by)."""
+    return sum(len(s.ids) for s in prepared[0])
 
 
 def _positions_of(reference_rows: list[int], rows: list[int]) -> list[int]:

@@ -71,7 +71,8 @@ class Rome:
         """The optimiser of `v*` at `layer` (§3.8): δ added to the edited projection's output, ROME's templates."""
         ctx = self.context
         return TargetOptimizer(ctx.model, ctx.tokenizer, ctx.spec, self.target_hparams[layer], self.templates,
-                               batch_tokens=ctx.target_batch_tokens, mode=ctx.forward_mode,
+                               batch_tokens=ctx.target_batch_tokens, memory_budget=ctx.target_memory_budget,
+                               mode=ctx.forward_mode,
                                show_progress=False, site="mlp_output")
 
     def edit_batch(self, requests: Sequence[EditRequest]) -> BatchUpdate:
