@@ -205,11 +205,12 @@ def test_push_then_fetch_from_an_empty_cache_is_bit_identical(tmp_path, projecto
               "p = NullSpaceProjector.from_pretrained(sys.argv[1])\n"
               "print(hashlib.sha256(p.bases[2].numpy().tobytes()).hexdigest())")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "other-cache")}
-    digest = subprocess.run([sys.executable, "-c", script, repo_id], env=env, capture_output=True, text=True,
-                            check=True, cwd=Path(__file__).parents[1]).stdout.split()[-1]
+    fetched = subprocess.run([sys.executable, "-c", script, repo_id], env=env, capture_output=True, text=True,
+                             cwd=Path(__file__).parents[1])
+    assert fetched.returncode == 0, fetched.stderr[-3000:]
     import hashlib
 
-    assert digest == hashlib.sha256(projector.bases[2].numpy().tobytes()).hexdigest()
+    assert fetched.stdout.split()[-1] == hashlib.sha256(projector.bases[2].numpy().tobytes()).hexdigest()
 
 
 def test_edit_with_a_fetched_projector_never_collects_statistics(tmp_path, corpus_file, hub_server,
