@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=("auto", "reference"), default="auto",
                         help="'reference': the official hyperparameters (25 steps, no large first step) on both sides")
     parser.add_argument("--statistics_rounds", type=int, default=3)
+    parser.add_argument("--v_num_grad_steps", type=int, default=None,
+                        help="cap on target-optimisation steps (equal work on both sides of a memory comparison)")
     parser.add_argument("--target_batch_tokens", type=int, default=EditingArguments.target_batch_tokens,
                         help="token budget of one target micro-batch (peak memory: run one process per value)")
     parser.add_argument("--target_memory_budget", default=EditingArguments.target_memory_budget,
@@ -128,13 +130,15 @@ def main() -> None:
     args = EditingArguments(statistics_corpus=str(DATA / "wikitext-2" / "valid.txt"),
                             statistics_samples=options.statistics_samples, disable_tqdm=True,
                             target_batch_tokens=options.target_batch_tokens,
-                            target_memory_budget=options.target_memory_budget, preset=options.preset)
+                            target_memory_budget=options.target_memory_budget, preset=options.preset,
+                            v_num_grad_steps=options.v_num_grad_steps)
     model = AlphaEditModel.from_pretrained(editing_args=args)
     records = json.loads((DATA / "counterfact" / "counterfact-edit.json").read_text())[:max(options.batch_sizes)]
     report: dict = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
                                 "device": str(model.device)},
                     "settings": {"target_batch_tokens": options.target_batch_tokens,
-                                 "target_memory_budget": options.target_memory_budget}}
+                                 "target_memory_budget": options.target_memory_budget,
+                                 "v_num_grad_steps": options.v_num_grad_steps}}
     if "statistics" in options.parts:
         texts = load_corpus_texts(str(DATA / "wikitext-2" / "valid.txt"), options.statistics_samples)
         report["statistics"] = benchmark_statistics(model, texts, options.statistics_rounds)
