@@ -173,10 +173,10 @@ class TargetOptimizer:
                                 format_bytes(budget))
                 # A power of two, so that small changes of free memory ('auto') do not change the micro-batches.
                 return 2 ** int(math.log2(budget * tokens / needed))
-        self.checkpoint_blocks = recomputed is not None
+        self.checkpoint_blocks = recomputed is not None and recomputed < kept
         logger.warning("target optimisation: one request needs %s, more than the memory budget of %s%s; requests "
                        "are optimised one at a time", format_bytes(min(kept, recomputed or kept)),
-                       format_bytes(budget), " even with activation checkpointing" if recomputed else "")
+                       format_bytes(budget), " even with activation checkpointing" if self.checkpoint_blocks else "")
         return 1
 
     def _probe_bytes(self, prepared: tuple[list[_Sequence], list[int]]) -> tuple[int, int | None]:
