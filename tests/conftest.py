@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,6 +23,13 @@ from tests.hub_server import HubServer
 
 if TYPE_CHECKING:  # imported lazily below: the environment must be set before any Hugging Face import
     from huggingface_hub import HfApi
+
+# pytest imports this file as `conftest`; importing it again under another name (`from tests.conftest import ...`)
+# would run it twice: a second Hub emulator and HF_HOME in the environment, which subprocesses and late-imported
+# libraries then use while the libraries imported earlier keep the first (CI failed on exactly that: repos pushed
+# to one emulator were looked up on the other). Share values through fixtures instead.
+if any(getattr(module, "__file__", None) == __file__ for name, module in list(sys.modules.items()) if name != __name__):
+    raise ImportError(f"{__file__} is already imported; take its values from fixtures, not `from tests.conftest import`")
 
 # Set before any Hugging Face library is imported: several of these are read only at import time
 # (HUB_INTEGRATION.md §0 and §1.4), and the endpoint is copied into constants by every library.
@@ -158,6 +166,12 @@ def smollm2(smollm2_cache: Path, tmp_path_factory: pytest.TempPathFactory):
 # WikiText-2 lines behind the real model's key statistics in tests: collecting them takes about a minute on two
 # cores (1,000 lines took three), and every SmolLM2 test shares the one cached collection.
 SMOLLM2_STATISTICS_SAMPLES = 300
+
+
+@pytest.fixture(scope="session")
+def smollm2_statistics_samples() -> int:
+    """``SMOLLM2_STATISTICS_SAMPLES``, for tests that pass the sample size to the CLI themselves."""
+    return SMOLLM2_STATISTICS_SAMPLES
 
 
 @pytest.fixture(scope="session")

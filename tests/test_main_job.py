@@ -9,14 +9,14 @@ import pytest
 from huggingface_hub import ModelCard
 
 from hf_alphaedit.cli import main
-from tests.conftest import SMOLLM2_STATISTICS_SAMPLES
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_quickstart_config_edits_evaluates_and_saves_offline(smollm2, smollm2_cache, smollm2_statistics_dir, tmp_path,
-                                                            monkeypatch, capsys, caplog):
+def test_quickstart_config_edits_evaluates_and_saves_offline(smollm2, smollm2_cache, smollm2_statistics_dir,
+                                                            smollm2_statistics_samples, tmp_path, monkeypatch, capsys,
+                                                            caplog):
     # `smollm2` has converted the embedded GGUF into `smollm2_cache`; the CLI loads it from there. No network: the
     # Hub's name does not resolve, as on a machine without internet (and without HF_HUB_OFFLINE set).
     from huggingface_hub import constants
@@ -26,7 +26,7 @@ def test_quickstart_config_edits_evaluates_and_saves_offline(smollm2, smollm2_ca
     monkeypatch.chdir(ROOT)
     output_dir = tmp_path / "quickstart"
     status = main(["edit", "--config", "examples/configs/quickstart.yaml",
-                   "--statistics_samples", str(SMOLLM2_STATISTICS_SAMPLES), "--output_dir", str(output_dir),
+                   "--statistics_samples", str(smollm2_statistics_samples), "--output_dir", str(output_dir),
                    "--statistics_cache_dir", str(smollm2_statistics_dir), "--quiet"])
     out = capsys.readouterr().out
     assert status == 0, out
