@@ -89,6 +89,25 @@ def test_the_editor_is_the_identity_at_initialisation():
     torch.testing.assert_close(-left.T, standardised[:, right.shape[1]:], rtol=0, atol=1e-5)
 
 
+def test_every_network_parameter_gets_a_gradient_at_the_identity():
+    # At initialisation every pre-activation is exactly 0; an activation whose gradient there is 0 (relu) would
+    # leave the networks at the identity for ever and train only the step sizes.
+    model = _frozen()
+    editor = _descent_editor(model)
+    generator = torch.Generator().manual_seed(0)
+    factors = {p.module: GradientFactors(torch.randn(5, p.shape[1], generator=generator),
+                                         torch.randn(5, p.shape[0], generator=generator))
+               for p in editor.inner_params}
+    target = torch.Generator().manual_seed(1)
+    loss = sum(((left @ right) * torch.randn(left.shape[0], right.shape[1], generator=target)).sum()
+               for left, right in editor(factors).values())
+    loss.backward()
+    no_gradient = [name for name, param in editor.named_parameters()
+                   if name.rsplit(".", 1)[-1] not in ("down", "scale")
+                   and not (param.grad is not None and param.grad.abs().sum() > 0)]
+    assert no_gradient == []  # `down` and `scale` multiply `U = 0`: theirs come once `up` moves, as in the reference
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_gradient_factors_are_the_gradient_and_the_upper_blocks_reproduce_the_model(family):
     model = _frozen(family)
@@ -373,6 +392,9 @@ def test_a_short_training_run_lowers_the_validation_edit_loss_and_the_editor_edi
     assert "validation_edit_loss" in (result.editor_dir / "README.md").read_text()
     # Checkpoints are editor folders too (plus Trainer's resume state).
     MendEditor.from_pretrained(tmp_path / "run" / "checkpoint-10")
+    # The networks trained, not only the step sizes.
+    assert all(float(layer.up.abs().max()) > 0 for network in result.editor.networks.values()
+               for layer in network.layers)
     base, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
     editor = AlphaEditModel(base, tokenizer, _editing_args(corpus, result.editor_dir))
     report = editor.edit(REQUESTS[:1])

@@ -12,7 +12,7 @@ one step of gradient descent.) Matrices of the same shape share one network and 
 the scale/shift embeddings.
 
 A network is `n_hidden + 1` low-rank residual layers over the concatenation `z = [x̃; δ̃]` (`D = d_in + d_out`),
-`z ← relu((U (V z) + b) ⊙ scale[m] + shift[m]) + z`, with `U = 0` at initialisation (the identity), after a
+`z ← max((U (V z) + b) ⊙ scale[m] + shift[m], 0) + z`, with `U = 0` at initialisation (the identity), after a
 running per-feature standardisation whose statistics are accumulated over every token row seen in training mode.
 """
 
@@ -206,7 +206,7 @@ class _RunningNormalizer(nn.Module):
 
 
 class _LowRankResidual(nn.Module):
-    """`z ← relu((U (V z) + b) ⊙ scale[m] + shift[m]) + z`, `U` `[D, r]` (zero: the identity), `V` `[r, D]`."""
+    """`z ← max((U (V z) + b) ⊙ scale[m] + shift[m], 0) + z`, `U` `[D, r]` (zero: the identity), `V` `[r, D]`."""
 
     def __init__(self, dim: int, rank: int, num_modes: int) -> None:
         super().__init__()
@@ -218,7 +218,9 @@ class _LowRankResidual(nn.Module):
 
     def forward(self, rows: torch.Tensor, mode: int) -> torch.Tensor:
         hidden = (rows @ self.down.T) @ self.up.T + self.bias
-        return torch.relu(hidden * self.scale[mode] + self.shift[mode]) + rows
+        # clamp, not relu: at initialisation every pre-activation is exactly 0, where relu's gradient is 0 and
+        # clamp's is 1 (as in the reference); with relu no network parameter ever gets a gradient.
+        return torch.clamp(hidden * self.scale[mode] + self.shift[mode], min=0.0) + rows
 
 
 class _GradientNetwork(nn.Module):
