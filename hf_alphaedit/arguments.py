@@ -45,7 +45,7 @@ PRUNE_RESTRAIN_AT = ("end", "every_batch")
 # memory a run takes). Published edits never carry them into the loader's run (`EditingArguments.from_published`).
 SIDE_EFFECT_FIELDS = ("output_dir", "save_steps", "resume_from_checkpoint", "overwrite_output_dir",
                       "statistics_cache_dir", "push_projection_to_hub", "projection_hub_repo_id", "hub_private_repo",
-                      "hub_token", "disable_tqdm", "target_memory_budget")
+                      "hub_token", "disable_tqdm", "target_memory_budget", "statistics_memory_budget")
 # Settings that name where data comes from: taken from published edits only when they name a Hub repo or data set
 # (or a keyword), never a path on the loader's machine.
 SOURCE_FIELDS = ("statistics_corpus", "projection", "mend_editor")
@@ -108,6 +108,11 @@ class EditingArguments:
         "Truncate each sample to this many tokens. Default: the model's context length, capped at 4096.",
         default=None, low=1)
     statistics_batch_tokens: int = setting("Token budget (padded) of one statistics forward batch.", default=8192, low=1)
+    statistics_memory_budget: str | None = setting(
+        "Memory one statistics forward batch may use besides the model and the running sums: a size ('2GiB', "
+        "'800MB'), 'auto' (half the memory free on the model's input device when the pass starts) or 'none' "
+        "(statistics_batch_tokens alone). Batches get at most the tokens that fit, from the bytes a probe of the "
+        "longest sample keeps per token in one block.", default="auto")
     statistics_cache_dir: str | None = setting(
         "Where collected statistics are cached. Default: $HF_ALPHAEDIT_CACHE/statistics or "
         "~/.cache/hf_alphaedit/statistics.", default=None)
@@ -195,8 +200,9 @@ class EditingArguments:
         _check_choice("preset", self.preset, PRESETS)
         _check_choice("fact_token", self.fact_token, FACT_TOKENS)
         _check_choice("nullspace_threshold_mode", self.nullspace_threshold_mode, THRESHOLD_MODES)
-        budget = parse_memory_budget("EditingArguments.target_memory_budget", self.target_memory_budget)
-        self.target_memory_budget = None if budget is None else str(budget)
+        for name in ("target_memory_budget", "statistics_memory_budget"):
+            budget = parse_memory_budget(f"EditingArguments.{name}", getattr(self, name))
+            setattr(self, name, None if budget is None else str(budget))
         if isinstance(self.prune_alpha, (int, float)):  # YAML / parse_dict give numbers as numbers
             self.prune_alpha = "e" if self.prune_alpha == math.e else f"{self.prune_alpha:g}"
         _check_choice("prune_alpha", self.prune_alpha, PRUNE_ALPHAS)

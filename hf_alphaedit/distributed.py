@@ -61,6 +61,12 @@ class DataParallel:
                                    f"between {-int(extremes[1])} and {int(extremes[0])}); every rank must read the "
                                    "same model, corpus and settings.")
 
+    def minimum(self, value: int, what: str) -> int:
+        """The smallest `value` any rank passes (e.g. a batch size each rank derived from its own free memory)."""
+        negated = torch.tensor([-value], dtype=torch.int64, device=self._collective_device())
+        self._collective(lambda: dist.all_reduce(negated, op=dist.ReduceOp.MAX), what)
+        return -int(negated[0])
+
     def any(self, flag: bool, what: str) -> bool:
         """Whether `flag` is true on at least one rank."""
         found = torch.tensor([int(flag)], dtype=torch.int64, device=self._collective_device())

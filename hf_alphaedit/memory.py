@@ -3,7 +3,7 @@
 Target optimisation keeps, for every token of a micro-batch, the activations of every re-run block until the
 backward pass; that is what bounds its memory (14.6 GB peak RSS for a 100-edit batch of SmolLM2 without a budget).
 `SavedTensorBytes` measures those bytes on a real probe step, so a budget turns into a micro-batch size without
-any per-architecture formula.
+any per-architecture formula; the statistics pass sizes its batches from the same measurement of one block.
 """
 
 from __future__ import annotations
@@ -66,16 +66,18 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def resolve_memory_budget(setting: str | int | None, device: torch.device) -> int | None:
-    """Bytes one target micro-batch may use on `device` for a `target_memory_budget` setting: a size as given;
-    'auto' as `AUTO_BUDGET_FRACTION` of the memory available now (None, with a warning, where that is unknown)."""
-    budget = parse_memory_budget("target_memory_budget", setting)
+def resolve_memory_budget(setting: str | int | None, device: torch.device,
+                          field: str = "target_memory_budget") -> int | None:
+    """Bytes for the memory budget setting `field` (`target_memory_budget`, `statistics_memory_budget`) on
+    `device`: a size as given; 'auto' as `AUTO_BUDGET_FRACTION` of the memory available now (None, with a warning,
+    where that is unknown)."""
+    budget = parse_memory_budget(field, setting)
     if budget != "auto":
         return budget
     free = available_memory(device)
     if free is None:
-        logger.warning("target_memory_budget='auto': the free memory of device %s is unknown, so target "
-                       "micro-batches are sized by target_batch_tokens alone; set a size to bound them", device)
+        logger.warning("%s='auto': the free memory of device %s is unknown, so the batches it bounds are sized by "
+                       "their token setting alone; set a size to bound them", field, device)
         return None
     return int(free * AUTO_BUDGET_FRACTION)
 

@@ -29,6 +29,7 @@ from .engine import EditEngine
 from .fingerprint import weight_fingerprint, weights_digests
 from .hparams import ResolvedHyperparameters
 from .hub import ModelSource, hub_namespace, hub_unreachable_reason
+from .memory import resolve_memory_budget
 from .projection import LoadedArtifact, NullSpaceProjector, load_projection_artifact
 from .statistics import (
     KeyStatistics,
@@ -114,9 +115,12 @@ class StatisticsProvider:
         was_training = model.training
         model.eval()
         try:
+            budget = resolve_memory_budget(args.statistics_memory_budget, model.get_input_embeddings().weight.device,
+                                           "statistics_memory_budget")
             collected = collect_key_statistics(model, self.tokenizer, self.spec, to_collect, texts,
                                                max_length=max_length, batch_tokens=args.statistics_batch_tokens,
-                                               show_progress=not args.disable_tqdm, parallel=parallel)
+                                               show_progress=not args.disable_tqdm, parallel=parallel,
+                                               memory_budget=budget)
         finally:
             model.train(was_training)
         collected.metadata.update(corpus=args.statistics_corpus, package_version=__version__)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -41,12 +43,16 @@ from .artifacts import (
 from .distributed import DataParallel
 from .errors import check_finite
 from .forward import right_pad, run_until
+from .memory import SavedTensorBytes, format_bytes
+
+logger = logging.getLogger(__name__)
 
 # Batches are grouped into shards of at least this many tokens (fewer for a small corpus, so that it still makes
 # `MIN_SHARDS` shards). A shard's keys are summed in float32 matrix products (fast) and added into the float64 total
 # when it ends, which keeps the moment accurate to ~1e-7 relative even over 10^8 tokens. Shards are also the unit of
-# data-parallel work and depend on the corpus alone, so a shard's float32 sum does not depend on the number of
-# processes: only the order in which the float64 shard sums are added does.
+# data-parallel work and depend on the corpus and the batch size alone (every rank packs the same batches), so a
+# shard's float32 sum does not depend on the number of processes: only the order in which the float64 shard sums are
+# added does.
 SHARD_TOKENS = 32768
 MIN_SHARDS = 64
 # The upper triangle of Σ k kᵀ is formed by row blocks: more blocks skip more of the lower triangle, smaller ones
@@ -190,6 +196,7 @@ def collect_key_statistics(
     batch_tokens: int = 8192,
     show_progress: bool = True,
     parallel: DataParallel | None = None,
+    memory_budget: int | None = None,
 ) -> KeyStatistics:
     """One forward pass over `texts` collecting `Σ k kᵀ` for every layer in `layers`.
 
@@ -200,18 +207,27 @@ def collect_key_statistics(
     returns the statistics of all texts: equal to one process's up to the order in which the float64 shard sums
     are added. Works for any model dtype and any placement of the layers (each layer's sums live on its own
     device); products are formed in float32 and accumulated in float64.
+
+    `memory_budget` (bytes) lowers `batch_tokens` to what fits in it (`statistics_bytes_per_token`), never below
+    the longest sequence, which cannot be split; in a data-parallel run every rank takes the smallest of the
+    ranks' sizes, so they pack the same batches.
     """
     layers = sorted(layers)
     encoded = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
     sequences = sorted((ids for ids in encoded if ids), key=len, reverse=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_device = model.get_input_embeddings().weight.device
+    if memory_budget is not None and sequences:
+        batch_tokens = _tokens_within(memory_budget, batch_tokens, model, spec, layers,
+                                      right_pad(sequences[:1], pad_id, input_device))
+    if parallel is not None:
+        batch_tokens = parallel.minimum(batch_tokens, "the statistics batch size")
     batches = pack_by_token_budget(sequences, batch_tokens)
     total_tokens = sum(len(s) for s in sequences)
     shards = group_into_shards(batches, max(1, min(SHARD_TOKENS, total_tokens // MIN_SHARDS)))
     if parallel is not None:
         parallel.agree(total_tokens, "the number of corpus tokens")
     mine = [shards[i] for i in (parallel.shard(len(shards)) if parallel is not None else range(len(shards)))]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_device = model.get_input_embeddings().weight.device
     moments: dict[int, _UpperTriangleSum] = {}
     counts = dict.fromkeys(layers, 0)
     real_tokens: dict[torch.device, torch.Tensor] = {}  # flat indices of the batch's non-padding tokens, per device
@@ -269,6 +285,47 @@ def collect_key_statistics(
     metadata = {"samples": len(sequences), "tokens": total_tokens, "padded_tokens": padded,
                 "max_length": max_length, "model_dtype": str(next(model.parameters()).dtype)}
     return KeyStatistics({k: v.cpu() for k, v in sums.items()}, counts, metadata)
+
+
+def statistics_bytes_per_token(model: nn.Module, spec: ModelSpec, layers: Sequence[int], input_ids: torch.Tensor,
+                               attention_mask: torch.Tensor) -> int:
+    """Bytes per token a statistics batch like `input_ids` `[B, L]` holds at its peak, measured, not modelled.
+
+    An inference forward frees each block's intermediates before the next block runs, so its peak is what exists
+    once per forward (embeddings, the attention mask, position embeddings) plus one block's intermediates. Both are
+    read off what autograd would keep (`SavedTensorBytes`) for forwards through one and two blocks of the probe;
+    a block's transient tensors that backward would not keep (e.g. attention scores before the softmax) are
+    covered by counting its kept bytes twice. The float32 copy of the keys an edited layer's hook forms comes on
+    top. The attention terms grow with `L`, so probing the longest sequence bounds the shorter ones.
+    """
+    embeddings = model.get_input_embeddings()(input_ids).detach().requires_grad_()
+
+    def kept_through(blocks: int) -> int:
+        with torch.enable_grad(), SavedTensorBytes(exclude=tuple(model.parameters())) as saved:
+            run_until(model, model.get_submodule(spec.block_name(blocks - 1)), inputs_embeds=embeddings,
+                      attention_mask=attention_mask)
+        return saved.bytes
+
+    one = kept_through(1)
+    block = kept_through(2) - one if spec.num_layers > 1 else one
+    once = max(0, one - block)
+    key_copy = spec.key_size * (4 + spec.weight(model, max(layers)).element_size())
+    return math.ceil((once + 2 * block) / input_ids.numel()) + key_copy
+
+
+def _tokens_within(budget: int, batch_tokens: int, model: nn.Module, spec: ModelSpec, layers: Sequence[int],
+                   probe: tuple[torch.Tensor, torch.Tensor]) -> int:
+    per_token = statistics_bytes_per_token(model, spec, layers, *probe)
+    longest = probe[0].shape[1]
+    fitting = max(longest, budget // per_token)
+    if longest * per_token > budget:
+        logger.warning("statistics_memory_budget=%s: the longest sample (%d tokens, about %s) does not fit; batches "
+                       "hold one sample at a time where needed (lower statistics_max_length to stay within it)",
+                       format_bytes(budget), longest, format_bytes(longest * per_token))
+    if fitting < batch_tokens:
+        logger.info("key statistics: batches of at most %d tokens (%s per token) to stay within %s", fitting,
+                    format_bytes(per_token), format_bytes(budget))
+    return min(batch_tokens, fitting)
 
 
 class _UpperTriangleSum:
