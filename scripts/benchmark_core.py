@@ -2,7 +2,8 @@
 
     python scripts/benchmark_core.py [--statistics_samples 1000] [--batch_sizes 20 100] [--target_requests 10]
                                      [--parts statistics edits targets] [--target_batch_tokens 8192]
-                                     [--target_memory_budget auto] [--preset reference]
+                                     [--target_memory_budget auto] [--statistics_memory_budget auto]
+                                     [--preset reference]
 
 Prints and writes JSON (`--output`, default benchmark_results/core.json) with
 (a) statistics-pass tokens/s vs a bare full forward and vs a forward truncated after the deepest edited module
@@ -11,7 +12,8 @@ Prints and writes JSON (`--output`, default benchmark_results/core.json) with
 (c) target optimisation: batched vs one request at a time (same fast forward), and vs one request at a time
     through the whole model as the reference code runs it;
 (d) the process's peak RSS and the load average (one process per configuration for memory figures: e.g.
-    `--parts edits --batch_sizes 100 --target_memory_budget 1.5GiB` against `--target_memory_budget none`).
+    `--parts edits --batch_sizes 100 --target_memory_budget 1GiB --statistics_memory_budget 1GiB` against
+    `none` for both).
 All ratios come from one run on one machine.
 """
 
@@ -123,6 +125,8 @@ def main() -> None:
                         help="token budget of one target micro-batch (peak memory: run one process per value)")
     parser.add_argument("--target_memory_budget", default=EditingArguments.target_memory_budget,
                         help="memory budget of one target micro-batch ('1.5GiB', 'auto', 'none')")
+    parser.add_argument("--statistics_memory_budget", default=EditingArguments.statistics_memory_budget,
+                        help="memory budget of one statistics batch of the edits part ('1GiB', 'auto', 'none')")
     parser.add_argument("--parts", nargs="+", choices=("statistics", "edits", "targets"),
                         default=["statistics", "edits", "targets"])
     parser.add_argument("--output", default=str(ROOT / "benchmark_results" / "core.json"))
@@ -130,7 +134,8 @@ def main() -> None:
     args = EditingArguments(statistics_corpus=str(DATA / "wikitext-2" / "valid.txt"),
                             statistics_samples=options.statistics_samples, disable_tqdm=True,
                             target_batch_tokens=options.target_batch_tokens,
-                            target_memory_budget=options.target_memory_budget, preset=options.preset,
+                            target_memory_budget=options.target_memory_budget,
+                            statistics_memory_budget=options.statistics_memory_budget, preset=options.preset,
                             v_num_grad_steps=options.v_num_grad_steps)
     model = AlphaEditModel.from_pretrained(editing_args=args)
     records = json.loads((DATA / "counterfact" / "counterfact-edit.json").read_text())[:max(options.batch_sizes)]
@@ -138,6 +143,7 @@ def main() -> None:
                                 "device": str(model.device)},
                     "settings": {"target_batch_tokens": options.target_batch_tokens,
                                  "target_memory_budget": options.target_memory_budget,
+                                 "statistics_memory_budget": options.statistics_memory_budget,
                                  "v_num_grad_steps": options.v_num_grad_steps}}
     if "statistics" in options.parts:
         texts = load_corpus_texts(str(DATA / "wikitext-2" / "valid.txt"), options.statistics_samples)
