@@ -260,6 +260,14 @@ def test_forward_modes_and_chunking_give_the_same_targets(mode):
     assert one_at_a_time.steps == reference.steps
 
 
+def test_target_optimisation_without_templates_is_refused_up_front():
+    # Without '{}' no request has a rewriting prompt; this used to fail deep inside with an IndexError.
+    model = tiny_causal_lm("llama")
+    spec = resolve_model_spec(model)
+    with pytest.raises(ValueError, match="templates is empty"):
+        TargetOptimizer(model, tiny_tokenizer(), spec, EditingArguments(layers=[0, 1]).resolve(spec), [])
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_every_family_takes_the_prefix_cache_fast_path(family, caplog):
     """The fastest target-optimisation mode must pass its numeric check on every supported family with the

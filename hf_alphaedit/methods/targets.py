@@ -95,6 +95,9 @@ class TargetOptimizer:
         self.site_module = spec.block(model, z_layer) if site == "block_output" else spec.rewrite_module(model, z_layer)
         # Blocks re-run at every step: those above the z-layer, or the z-layer's own block when δ enters inside it.
         self.first_rerun_block = z_layer + 1 if site == "block_output" else z_layer
+        if not templates:
+            raise ValueError("TargetOptimizer: templates is empty, so no request would have a rewriting prompt; pass "
+                             "generate_context_templates(...) (its first template is '{}').")
         self.templates = list(templates)
         self.batch_tokens = batch_tokens
         self.memory_budget = memory_budget  # bytes, 'auto' or None (`memory.resolve_memory_budget`)
