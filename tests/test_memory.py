@@ -129,15 +129,13 @@ def test_a_statistics_budget_below_the_longest_sample_warns_and_goes_one_sample_
     assert "the longest sample (32 tokens" in caplog.text and "batches of at most 32 tokens" in caplog.text
 
 
-_PEAK_RSS = textwrap.dedent("""
+# The start of both measuring processes: a tiny 8-layer Llama on one thread, and `reset_peak()`, which sets Linux's
+# peak RSS (VmHWM) to the current RSS and returns that RSS in KiB.
+_PROCESS_START = textwrap.dedent("""
     import json, sys
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    from hf_alphaedit import EditingArguments
     from hf_alphaedit.architectures import resolve_model_spec
-    from hf_alphaedit.methods.prompts import generate_context_templates
-    from hf_alphaedit.methods.targets import TargetOptimizer
-    from hf_alphaedit.requests import as_edit_requests
     from tests.tiny_models import tiny_tokenizer
 
     torch.set_num_threads(1)
@@ -147,17 +145,26 @@ _PEAK_RSS = textwrap.dedent("""
     model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
     tokenizer = tiny_tokenizer()
     spec = resolve_model_spec(model)
+    def status(field):
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+    def reset_peak():
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return status("VmRSS")
+""")
+
+_PEAK_RSS = _PROCESS_START + textwrap.dedent("""
+    from hf_alphaedit import EditingArguments
+    from hf_alphaedit.methods.prompts import generate_context_templates
+    from hf_alphaedit.methods.targets import TargetOptimizer
+    from hf_alphaedit.requests import as_edit_requests
+
     hparams = EditingArguments(v_num_grad_steps=2, v_early_stop_loss=0, layers=[1, 2]).resolve(spec)
     templates = generate_context_templates(model, tokenizer, 6, 3, seed=0)
     requests = as_edit_requests(json.load(open(sys.argv[1]))[:60])
     budget = None if sys.argv[2] == "none" else sys.argv[2]
     optimizer = TargetOptimizer(model, tokenizer, spec, hparams, templates, batch_tokens=10**9, memory_budget=budget)
-    def status(field):
-        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
-
-    with open("/proc/self/clear_refs", "w") as handle:  # resets the peak RSS (VmHWM) to the current RSS
-        handle.write("5")
-    before = status("VmRSS")
+    before = reset_peak()
     chunks = []
     optimize_chunk = optimizer._optimize_chunk
     optimizer._optimize_chunk = lambda prepared: chunks.append(len(prepared)) or optimize_chunk(prepared)
@@ -166,30 +173,14 @@ _PEAK_RSS = textwrap.dedent("""
                       "requests_per_micro_batch": chunks}))
 """)
 
-
-_STATISTICS_PEAK_RSS = textwrap.dedent("""
-    import json, sys
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from hf_alphaedit.architectures import resolve_model_spec
+_STATISTICS_PEAK_RSS = _PROCESS_START + textwrap.dedent("""
     from hf_alphaedit.statistics import collect_key_statistics
-    from tests.tiny_models import tiny_tokenizer
 
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", hidden_size=128, intermediate_size=512, num_hidden_layers=8,
-                                  num_attention_heads=4, num_key_value_heads=4, vocab_size=1024)
-    model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
     lines = [line.strip() for line in open(sys.argv[1], encoding="utf-8") if len(line.strip()) > 200][:80]
     budget = None if sys.argv[2] == "none" else int(sys.argv[2])
-    def status(field):
-        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
-
-    with open("/proc/self/clear_refs", "w") as handle:  # resets the peak RSS (VmHWM) to the current RSS
-        handle.write("5")
-    before = status("VmRSS")
-    statistics = collect_key_statistics(model, tiny_tokenizer(), resolve_model_spec(model), [6, 7], lines,
-                                        max_length=256, batch_tokens=10**9, show_progress=False, memory_budget=budget)
+    before = reset_peak()
+    statistics = collect_key_statistics(model, tokenizer, spec, [6, 7], lines, max_length=256, batch_tokens=10**9,
+                                        show_progress=False, memory_budget=budget)
     print(json.dumps({"extra_mib": (status("VmHWM") - before) / 1024, "tokens": statistics.metadata["tokens"]}))
 """)
 
