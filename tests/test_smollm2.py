@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def records(shared_data) -> list[dict]:
-    return json.loads((shared_data / "counterfact" / "counterfact-edit.json").read_text())[:24]
+    return json.loads((shared_data / "counterfact" / "counterfact-edit.json").read_text())[:16]
 
 
 @pytest.fixture()
@@ -31,10 +31,10 @@ def _efficacy(editor: AlphaEditModel, records: list[dict]) -> float:
 
 
 def test_two_sequential_batches_write_only_the_edited_layers_keep_the_first_batch_and_reset_exactly(editor, records):
-    first, second = records[:12], records[12:]
+    first, second = records[:8], records[8:]
     original = {name: p.detach().clone() for name, p in editor.model.named_parameters()}
     before = _efficacy(editor, first)
-    result = editor.edit(first, batch_size=12)
+    result = editor.edit(first, batch_size=8)
     assert editor.forward_mode == "prefix_cache"  # the fast path, on the installed transformers
     after = _efficacy(editor, first)
     print(f"first batch: efficacy {before:.1f} -> {after:.1f}; {result.seconds:.0f}s; "
@@ -45,10 +45,10 @@ def test_two_sequential_batches_write_only_the_edited_layers_keep_the_first_batc
     projector = editor.projector
     assert all(0 < projector.null_space_dim(layer) < editor.spec.key_size for layer in editor.hparams.layers)
 
-    result = editor.edit(second, batch_size=12)
-    assert [b.num_edits for b in result.batches] == [12]
+    result = editor.edit(second, batch_size=8)
+    assert [b.num_edits for b in result.batches] == [8]
     kept = _efficacy(editor, first)
     print(f"first-batch efficacy after {len(records)} edits: {kept:.1f}; {result.seconds:.0f}s")
-    assert kept >= 90
+    assert kept >= 87.5  # at most one of the first eight lost to the second batch
     editor.reset()
     assert all(torch.equal(p, original[name]) for name, p in editor.model.named_parameters())
