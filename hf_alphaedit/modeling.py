@@ -18,7 +18,7 @@ from .engine import EditEngine, EditResult
 from .evaluation import editor_protocol, evaluate_edits
 from .hub import DEFAULT_MODEL, ModelSource, load_model_and_tokenizer
 from .methods import EditContext, EditMethod, NullSpaceBooster, PruneRestraint, get_method_classes
-from .methods.prompts import check_request_lengths, generate_context_templates
+from .methods.prompts import check_request_lengths, ensure_context_templates
 from .methods.targets import choose_forward_mode
 from .projection import NullSpaceProjector
 from .provider import StatisticsProvider
@@ -166,10 +166,8 @@ class AlphaEditModel(nn.Module):
         result = EditResult()
         hp = self.hparams
         with self.engine.editing_mode():
-            if not self.state.context_templates:
-                self.state.context_templates.extend(generate_context_templates(
-                    self.model, self.tokenizer, hp.context_template_length, hp.context_template_count,
-                    self.editing_args.seed, keep_special_tokens=hp.context_template_special_tokens))
+            ensure_context_templates(self.state.context_templates, self.model, self.tokenizer, hp,
+                                     self.editing_args.seed)
             if self.engine.forward_mode is None:
                 self.engine.forward_mode = choose_forward_mode(self.model, self.tokenizer, self.spec, hp,
                                                                self.state.context_templates, requests[:2])

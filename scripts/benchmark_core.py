@@ -32,7 +32,7 @@ import torch
 from hf_alphaedit import AlphaEditModel, EditingArguments
 from hf_alphaedit.corpus import load_corpus_texts
 from hf_alphaedit.forward import right_pad, run_until
-from hf_alphaedit.methods.prompts import generate_context_templates
+from hf_alphaedit.methods.prompts import ensure_context_templates
 from hf_alphaedit.methods.targets import TargetOptimizer
 from hf_alphaedit.requests import as_edit_requests
 from hf_alphaedit.statistics import collect_key_statistics, pack_by_token_budget
@@ -100,11 +100,8 @@ def benchmark_edits(model: AlphaEditModel, records: list[dict], batch_size: int)
 
 def benchmark_targets(model: AlphaEditModel, records: list[dict], count: int) -> dict:
     requests = as_edit_requests(records[:count])
-    hp = model.hparams
-    if not model.state.context_templates:  # what the first edit() generates
-        model.state.context_templates.extend(generate_context_templates(
-            model.model, model.tokenizer, hp.context_template_length, hp.context_template_count,
-            model.editing_args.seed, keep_special_tokens=hp.context_template_special_tokens))
+    ensure_context_templates(model.state.context_templates, model.model, model.tokenizer, model.hparams,
+                             model.editing_args.seed)
     common = (model.model, model.tokenizer, model.spec, model.hparams, model.state.context_templates)
     timings = {}
     for name, kwargs in {"batched": {}, "per_request": {"batch_tokens": 1},

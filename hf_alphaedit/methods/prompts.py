@@ -11,7 +11,18 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteError
-from ..hparams import CONTEXT_SEED_WORDS
+from ..hparams import CONTEXT_SEED_WORDS, ResolvedHyperparameters
+
+
+def ensure_context_templates(templates: list[str], model: nn.Module, tokenizer: Any, hparams: ResolvedHyperparameters,
+                             seed: int) -> list[str]:
+    """`templates`, filled in place with `generate_context_templates` under `hparams` if still empty (what the
+    first edit of a model does)."""
+    if not templates:
+        templates.extend(generate_context_templates(model, tokenizer, hparams.context_template_length,
+                                                    hparams.context_template_count, seed,
+                                                    keep_special_tokens=hparams.context_template_special_tokens))
+    return templates
 
 
 def generate_context_templates(model: nn.Module, tokenizer: Any, length: int, count: int,
