@@ -87,6 +87,11 @@ class EditingArguments:
         default="auto")
     layers: list[int] | None = setting("Edited layers (0-based). Default: chosen by relative depth.", default=None)
     batch_size: int = setting("Edits per batch in sequential editing.", default=100, low=1)
+    collapse_guard: float | None = setting(
+        "Refuse (atomically: nothing applied, CollapseGuardError) a batch after which an edited matrix's Frobenius "
+        "norm exceeds this multiple of its original norm, ‖W‖ > collapse_guard·‖W₀‖; the norm growth of the edited "
+        "matrices is what precedes the collapse of long edit sequences (every batch's telemetry records it). "
+        "Default: no guard.", default=None, low=1, low_open=True)
     seed: int = setting("Seed for context-template sampling and anything else random.", default=0, low=0)
     output_dir: str | None = setting("Where edited checkpoints, logs and run state are written.", default=None)
     save_steps: int | None = setting(

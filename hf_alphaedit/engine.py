@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -31,9 +31,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .architectures import ModelSpec
-from .errors import check_finite
+from .errors import CollapseGuardError, check_finite
 from .requests import EditRequest
 from .state import BatchRecord, EditState, revert_event
+from .telemetry import BatchTelemetry, LayerTelemetry, NullSpaceRoom
 from .updates import BatchUpdate, LayerUpdate
 
 
@@ -49,6 +50,7 @@ class BatchReport:
     target_steps: list[int]
     target_probabilities: list[float]
     update_norms: dict[int, float]
+    telemetry: BatchTelemetry
 
 
 @dataclass
@@ -84,7 +86,8 @@ class EditEngine:
     """Owns the edited weights of `model` and the edit state `state` (see the module docstring).
 
     `method` (an `EditMethod`, set with `set_method` once built) is the plugin whose sequential state is copied
-    around each batch and rebuilt after an undo; `restraint` optionally restrains every batch.
+    around each batch and rebuilt after an undo; `restraint` optionally restrains every batch. `null_space_room`
+    (set when the method edits in a null space) measures the room left after each batch for its telemetry.
     """
 
     def __init__(self, model: nn.Module, spec: ModelSpec, state: EditState) -> None:
@@ -93,6 +96,7 @@ class EditEngine:
         self.lock = threading.RLock()
         self.method: Any = None
         self.restraint: Restraint | None = None
+        self.null_space_room: Callable[[Sequence[BatchRecord]], dict[int, NullSpaceRoom]] | None = None
         # How target optimisation runs the model (`methods.targets.ForwardMode`), chosen once per model.
         self.forward_mode: str | None = None
         # Edit-log lines of reverted batches (publishing.revert_event), written into edit_log.jsonl.
@@ -289,7 +293,7 @@ class EditEngine:
         forward mode is probed again (a shortcut exact in one dtype or on one device need not be in another)."""
         for module, master in self._masters.items():
             self._masters[module] = master.to(self.model.get_submodule(module).weight.device)
-        self.method, self.restraint, self.forward_mode = None, None, None
+        self.method, self.restraint, self.forward_mode, self.null_space_room = None, None, None, None
 
     def edited_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """`({module: stored weight}, {module: float32 master})` of every edited matrix, on the CPU."""
@@ -316,10 +320,12 @@ class EditEngine:
         restore_method_state(self.method, self._initial_method_state)
         self._initial_method_state = copy_method_state(self.method)  # the commits below update these in place
         for record in self.state.batches:
-            self.method.commit(BatchUpdate(record.layers))
+            self.method.commit(BatchUpdate(record.layers, method_state=record.method_state))
 
-    def run_batch(self, requests: Sequence[EditRequest]) -> BatchReport:
-        """Edit one batch with the method (and the restraint), atomically; returns its report."""
+    def run_batch(self, requests: Sequence[EditRequest], collapse_guard: float | None = None) -> BatchReport:
+        """Edit one batch with the method (and the restraint), atomically; returns its report. The batch's
+        telemetry is recorded with it; a batch after which an edited matrix's `‖W‖_F / ‖W₀‖_F` exceeds
+        `collapse_guard` is refused (`CollapseGuardError`, nothing applied)."""
         start = time.perf_counter()
         with self.atomic():
             if self.restraint is not None:
@@ -329,11 +335,39 @@ class EditEngine:
             layers = update.layers if self.restraint is None else self.restraint.restrain(
                 [u for b in self.state.batches for u in b.layers], update.layers)
             record = BatchRecord(len(self.state.batches), list(requests), layers, update.target_losses,
-                                 update.target_steps, update.target_probabilities, update.timings, time.time())
+                                 update.target_steps, update.target_probabilities, update.timings, time.time(),
+                                 method_state=update.method_state)
             self.state.batches.append(record)
+            telemetry = self.batch_telemetry(record, update)
+            record.telemetry = telemetry.to_dict()
+            check_collapse_guard(record, telemetry, collapse_guard)
         return BatchReport(record.index, len(requests), time.perf_counter() - start, update.timings,
                            update.target_losses, update.target_steps, update.target_probabilities,
-                           record.update_norms)
+                           record.update_norms, telemetry)
+
+    def batch_telemetry(self, record: BatchRecord, update: BatchUpdate) -> BatchTelemetry:
+        """The collapse telemetry of `record`, the batch just applied (`update`: what the method reported)."""
+        room = self.null_space_room(self.state.batches) if self.null_space_room is not None else {}
+        deltas: dict[str, torch.Tensor] = {}
+        layer_of: dict[str, int] = {}
+        for layer_update in record.layers:
+            module = self.module_name(layer_update)
+            delta = layer_update.delta
+            deltas[module] = deltas[module] + delta if module in deltas else delta
+            layer_of[module] = layer_update.layer
+        layers = []
+        for module, delta in deltas.items():
+            layer = layer_of[module]
+            rewrite = module == self.spec.rewrite_module_name(layer)
+            current = self._masters.get(module, self.weight(module))
+            layers.append(LayerTelemetry(
+                layer, module, float(torch.linalg.matrix_norm(delta.float())),
+                float(torch.linalg.matrix_norm(current.detach().float())),
+                float(torch.linalg.matrix_norm(self.original_weight(module).float())),
+                update.solve_conditions.get(layer) if rewrite else None,
+                room[layer].left if rewrite and layer in room else None))
+        return BatchTelemetry(layers, list(update.target_norms), list(update.target_shift_norms))
+
 
     @contextlib.contextmanager
     def editing_mode(self) -> Iterator[None]:
@@ -351,6 +385,19 @@ class EditEngine:
                 for name, p in self.model.named_parameters():
                     p.requires_grad_(flags[name])
                 self.model.train(was_training)
+
+
+def check_collapse_guard(record: BatchRecord, telemetry: BatchTelemetry, collapse_guard: float | None) -> None:
+    """Raise `CollapseGuardError` when the batch `record` grew an edited matrix past `collapse_guard`."""
+    if collapse_guard is None or telemetry.max_weight_growth <= collapse_guard:
+        return
+    worst = max(telemetry.layers, key=lambda layer: layer.weight_growth)
+    raise CollapseGuardError(
+        f"collapse_guard: batch {record.index} ({len(record.requests)} edits) would grow {worst.module} to "
+        f"{worst.weight_growth:.4f}x its original Frobenius norm ({worst.weight_norm:.4g} against "
+        f"{worst.original_norm:.4g}), past collapse_guard={collapse_guard:g}; the batch was not applied. Edit "
+        "these requests in smaller batches or with a smaller step, revert earlier batches, or raise "
+        "EditingArguments.collapse_guard (None turns it off).")
 
 
 def refuse_offloaded_layers(model: nn.Module, spec: ModelSpec, layers: Sequence[int]) -> None:

@@ -9,6 +9,10 @@ class NonFiniteError(ValueError):
     """A value that would reach the weights, a cache or a file is NaN or infinite; nothing was changed."""
 
 
+class CollapseGuardError(RuntimeError):
+    """A batch would have grown an edited matrix's norm past `EditingArguments.collapse_guard`; it was not applied."""
+
+
 def check_finite(tensor: torch.Tensor, what: str, hint: str = "") -> None:
     """Raise `NonFiniteError` naming `what` (and how many entries are NaN / infinite) unless `tensor` is finite."""
     finite = torch.isfinite(tensor)

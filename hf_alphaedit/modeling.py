@@ -143,6 +143,8 @@ class AlphaEditModel(nn.Module):
                     # The restraint first: it reads the original weights and may refuse them (before any statistics).
                     restraint = self._prune_restraint() if self.editing_args.prune else None
                     method = method_cls(self._context(), self.method_config)
+                    if self.hparams.use_projection:  # the batches' telemetry measures the room left
+                        self.engine.null_space_room = self.provider.null_space_room_tracker().room
                 self.engine.set_method(method, restraint)
             return self.engine.method
 
@@ -163,7 +165,6 @@ class AlphaEditModel(nn.Module):
         check_request_lengths(self.tokenizer, self.model.config, requests, self.hparams.context_template_length)
         if show_progress is not None:
             self.editing_args.disable_tqdm = not show_progress
-        result = EditResult()
         hp = self.hparams
         with self.engine.editing_mode():
             ensure_context_templates(self.state.context_templates, self.model, self.tokenizer, hp,
@@ -171,11 +172,9 @@ class AlphaEditModel(nn.Module):
             if self.engine.forward_mode is None:
                 self.engine.forward_mode = choose_forward_mode(self.model, self.tokenizer, self.spec, hp,
                                                                self.state.context_templates, requests[:2])
-            method = self.method
-            method.context.forward_mode = self.engine.forward_mode
-            for start in range(0, len(requests), size):
-                result.batches.append(self.engine.run_batch(requests[start: start + size]))
-        return result
+            self.method.context.forward_mode = self.engine.forward_mode
+            return EditResult([self.engine.run_batch(requests[start: start + size], self.editing_args.collapse_guard)
+                               for start in range(0, len(requests), size)])
 
     # -- publishing and undo -------------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from .statistics import (
     save_layer_statistics,
     statistics_cache_key,
 )
+from .telemetry import NullSpaceRoomTracker
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class StatisticsProvider:
         self._projectors: dict[tuple[int, ...], NullSpaceProjector] = {}
         self._artifact: LoadedArtifact | None = None
         self._artifact_resolved = False
+        self._norm_anchors: dict[str, NormAnchor] = {}  # cache key -> anchor
+        self._null_space_room_tracker: NullSpaceRoomTracker | None = None
 
     @property
     def spec(self) -> ModelSpec:
@@ -155,6 +158,17 @@ class StatisticsProvider:
             if parallel is None or parallel.is_main:  # one push per data-parallel run
                 self.push_projection_to_hub()
         return projector
+
+    def null_space_room_tracker(self) -> NullSpaceRoomTracker:
+        """The running measure of the room the applied edits leave in the null space of the edited layers'
+        projector (`telemetry.null_space_room`, and every batch's telemetry)."""
+        if self._null_space_room_tracker is None:
+            layers = self.hparams.layers
+            projector = self.null_space_projector(layers)
+            self._null_space_room_tracker = NullSpaceRoomTracker(
+                {layer: projector.bases[layer] for layer in layers},
+                {layer: self.spec.rewrite_module_name(layer) for layer in layers})
+        return self._null_space_room_tracker
 
     def push_projection_to_hub(self, repo_id: str | None = None, *, private: bool | None = None,
                                token: str | bool | None = None) -> str:

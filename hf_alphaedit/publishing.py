@@ -92,14 +92,25 @@ _EVALUATION_BOOKKEEPING = {"num_records", "seconds", "records_per_second"}
 
 
 def edit_log(model: AlphaEditModel) -> list[dict[str, Any]]:
-    """Every applied request (`event: "edit"`) and every reverted batch (`event: "revert"`), in time order."""
+    """Every applied request (`event: "edit"`) and every reverted batch (`event: "revert"`), in time order.
+
+    An edit line carries its batch's collapse telemetry (`telemetry`: per edited matrix, `BatchTelemetry`) and,
+    from methods that optimise targets, the request's `target_norm` `‖z‖` and `target_shift_norm` `‖z − h‖`.
+    """
     lines = list(model.revert_log)
     for record in model.state.batches:
         norms = record_norms(record)
+        telemetry = record.telemetry
         for position, request in enumerate(record.requests):
-            lines.append({"event": "edit", "batch": record.index, "position": position,
-                          "method": model.state.method, "time": iso_time(record.created_at),
-                          "timestamp": record.created_at, **request_summary(request), "update_norms": norms})
+            line = {"event": "edit", "batch": record.index, "position": position,
+                    "method": model.state.method, "time": iso_time(record.created_at),
+                    "timestamp": record.created_at, **request_summary(request), "update_norms": norms}
+            for name in ("target_norms", "target_shift_norms"):
+                if telemetry.get(name):
+                    line[name[:-1]] = telemetry[name][position]
+            if telemetry.get("layers"):
+                line["telemetry"] = telemetry["layers"]
+            lines.append(line)
     return sorted(lines, key=lambda line: line["timestamp"])
 
 

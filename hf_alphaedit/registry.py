@@ -147,6 +147,12 @@ def projection_support(method_cls: type) -> ProjectionSupport:
     return support
 
 
+def supports_target_rescaling(method_cls: type) -> bool:
+    """Whether `method_cls` optimises its targets through `LocateThenEditMethod.optimize_targets`, which applies
+    `EditContext.rescale_targets` (NAS, `EditingArguments.norm_anchor`): its `target_rescaling` attribute."""
+    return bool(getattr(method_cls, "target_rescaling", False))
+
+
 def method_config_for(method: str, config: Any) -> Any:
     """`config` checked against the config class registered for `method`, or that class's defaults."""
     config_cls, _ = get_method_classes(method)

@@ -37,6 +37,8 @@ class BatchRecord:
     target_probabilities: list[float]
     timings: dict[str, float]
     created_at: float
+    telemetry: dict[str, Any] = field(default_factory=dict)  # telemetry.BatchTelemetry.to_dict(); {} before 0.3
+    method_state: dict[str, torch.Tensor] = field(default_factory=dict)  # BatchUpdate.method_state
 
     @property
     def update_norms(self) -> dict[int, float]:
@@ -76,13 +78,16 @@ class EditState:
                 tensors[f"{prefix}.left"] = update.left.detach().cpu().contiguous()
                 tensors[f"{prefix}.right"] = update.right.detach().cpu().contiguous()
                 tensors[f"{prefix}.keys"] = update.keys.detach().cpu().contiguous()
+            for name, value in record.method_state.items():
+                tensors[f"batch{record.index}.state.{name}"] = value.detach().cpu().contiguous()
             batches.append({
                 "index": record.index, "requests": [r.to_dict() for r in record.requests],
                 "updates": [{"layer": u.layer, "module": u.module, "restraint_rank": u.restraint_rank}
                             for u in record.layers],
                 "target_losses": record.target_losses, "target_steps": record.target_steps,
                 "target_probabilities": record.target_probabilities, "timings": record.timings,
-                "created_at": record.created_at})
+                "created_at": record.created_at, "telemetry": record.telemetry,
+                "method_state": sorted(record.method_state)})
         meta = {"method": self.method, "layers": self.layers, "context_templates": self.context_templates,
                 "batches": batches}
         _atomic_write(directory / STATE_TENSORS, lambda path: save_file(tensors, path))
@@ -98,9 +103,10 @@ class EditState:
             updates = [LayerUpdate(entry["layer"], tensors[f"{prefix}.left"], tensors[f"{prefix}.right"],
                                    tensors[f"{prefix}.keys"], entry["restraint_rank"], entry["module"])
                        for entry, prefix in _update_entries(item)]
+            method_state = {name: tensors[f"batch{item['index']}.state.{name}"] for name in item.get("method_state", [])}
             batches.append(BatchRecord(item["index"], [from_record(r) for r in item["requests"]], updates,
                                        item["target_losses"], item["target_steps"], item["target_probabilities"],
-                                       item["timings"], item["created_at"]))
+                                       item["timings"], item["created_at"], item.get("telemetry", {}), method_state))
         return cls(meta["method"], meta["layers"], meta["context_templates"], batches)
 
 

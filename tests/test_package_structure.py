@@ -16,14 +16,14 @@ PACKAGE = ROOT / "hf_alphaedit"
 LAYERS: list[list[str]] = [
     ["_version", "errors", "fields", "updates", "requests", "corpus", "cards", "memory"],
     ["architectures", "hparams", "registry", "hub", "forward", "distributed"],
-    ["fingerprint", "artifacts", "state"],
+    ["fingerprint", "artifacts", "state", "telemetry"],
     ["statistics"],
     ["projection", "arguments"],
     ["methods", "metrics"],
     ["evaluation", "engine"],
     ["provider"],
     ["publishing", "checkpointing"],
-    ["modeling", "telemetry"],
+    ["modeling"],
     ["demo"],
     ["cli", "__main__", "__init__"],
 ]

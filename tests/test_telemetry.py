@@ -1,4 +1,5 @@
-"""`hf_alphaedit.telemetry.null_space_room` on a tiny model: the rank of the edit keys inside the null space."""
+"""`hf_alphaedit.telemetry` on a tiny model: the null-space room (the rank of the edit keys inside the null space), the
+collapse telemetry recorded with every batch and the collapse guard."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import time
 import pytest
 import torch
 
-from hf_alphaedit import AlphaEditModel
+from hf_alphaedit import AlphaEditModel, EditingArguments
+from hf_alphaedit.errors import CollapseGuardError
 from hf_alphaedit.methods import LayerUpdate
 from hf_alphaedit.projection import orthogonal_complement
-from hf_alphaedit.state import BatchRecord
+from hf_alphaedit.publishing import edit_log
+from hf_alphaedit.state import BatchRecord, EditState
 from hf_alphaedit.telemetry import NullSpaceRoom, null_space_room
 from tests.test_engine import _args, _scaled_model
 from tests.tiny_models import tiny_tokenizer
@@ -46,8 +49,8 @@ def test_room_counts_independent_key_directions_inside_the_null_space(corpus):
     # A key that differs from another only by float32 round-off takes no direction of its own ...
     model.state.batches.append(_record(1, (inside * (1 + 1e-7))[None]))
     assert null_space_room(model)[1].used == 1
-    # With no tolerance every float32 round-off residue counts as a direction of its own.
-    assert null_space_room(model, rtol=0.0)[1].used == 4
+    # With no tolerance round-off residues count as directions of their own.
+    assert null_space_room(model, rtol=0.0)[1].used > 1
 
 
 def test_room_after_real_edits_and_undo(corpus):
@@ -71,3 +74,79 @@ def test_room_errors_name_the_problem(corpus):
         null_space_room(_editor(corpus), rtol=1.5)
     with pytest.raises(ValueError, match="edits without the null-space projection"):
         null_space_room(_editor(corpus, method="memit"))
+
+
+# -- the collapse telemetry of every batch ------------------------------------------------------------------------
+
+REQUESTS = [{"prompt": "{} is located in", "subject": "The tower", "target_new": "Rome"},
+            {"prompt": "{} was made by", "subject": "The phone", "target_new": "Nokia"}]
+
+
+def _norm(matrix: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(matrix.double()))
+
+
+def test_batch_telemetry_measures_the_weights_the_solve_and_the_targets(corpus, tmp_path):
+    model = _editor(corpus)
+    engine = model.engine
+    names = {layer: model.spec.rewrite_module_name(layer) for layer in LAYERS}
+    before = {layer: engine.weight(names[layer]).detach().clone() for layer in LAYERS}
+    report = model.edit(REQUESTS).batches[0]
+    record = model.state.batches[0]
+    assert record.telemetry == report.telemetry.to_dict()
+    room = null_space_room(model)
+    method = model.method
+    for entry in report.telemetry.layers:
+        layer = entry.layer
+        after = engine.weight(names[layer]).detach()
+        assert entry.module == names[layer]
+        assert entry.update_norm == pytest.approx(_norm(after - before[layer]), rel=1e-4)
+        assert entry.weight_norm == pytest.approx(_norm(after), rel=1e-6)
+        assert entry.original_norm == pytest.approx(_norm(before[layer]), rel=1e-6)
+        assert entry.weight_growth == pytest.approx(_norm(after) / _norm(before[layer]), rel=1e-6)
+        assert entry.null_space_left == room[layer].left
+        # AlphaEdit's system of the first batch: Ûᵀ K Kᵀ Û + λ₂ I (no previous edits yet), its condition number.
+        basis = method.bases[layer]
+        projected = basis.T @ record.layers[LAYERS.index(layer)].keys.T.to(basis)
+        system = projected @ projected.T + model.hparams.l2 * torch.eye(basis.shape[1], dtype=basis.dtype)
+        assert entry.condition_number == pytest.approx(float(torch.linalg.cond(system)), rel=1e-6)
+    assert [e.layer for e in report.telemetry.layers] == LAYERS
+    # Target norms: ‖z‖ and ‖z − h‖ per request, positive (the targets moved).
+    assert len(report.telemetry.target_norms) == len(report.telemetry.target_shift_norms) == len(REQUESTS)
+    assert all(shift > 0 for shift in report.telemetry.target_shift_norms)
+    # The telemetry is saved with the edit state and written into the edit log.
+    model.state.save(tmp_path / "state")
+    assert EditState.load(tmp_path / "state").batches[0].telemetry == record.telemetry
+    lines = [line for line in edit_log(model) if line["event"] == "edit"]
+    assert [line["target_norm"] for line in lines] == report.telemetry.target_norms
+    assert lines[0]["telemetry"] == record.telemetry["layers"]
+
+
+def test_telemetry_of_a_method_without_null_space(corpus):
+    model = _editor(corpus, method="memit")
+    telemetry = model.edit(REQUESTS).batches[0].telemetry
+    assert all(entry.null_space_left is None for entry in telemetry.layers)
+    # MEMIT's system λC₀ + K Kᵀ is reported for every layer.
+    assert all(entry.condition_number is not None and entry.condition_number > 1 for entry in telemetry.layers)
+
+
+def test_collapse_guard_refuses_a_batch_atomically(corpus):
+    model = _editor(corpus)
+    growth = model.edit(REQUESTS).batches[0].telemetry.max_weight_growth
+    assert growth > 1
+    model.revert()
+    names = [model.spec.rewrite_module_name(layer) for layer in LAYERS]
+    weights = {name: model.engine.weight(name).detach().clone() for name in names}
+    model.editing_args.collapse_guard = 1 + (growth - 1) / 2
+    with pytest.raises(CollapseGuardError, match=r"collapse_guard: batch 0 \(2 edits\) would grow .* past collapse_guard"):
+        model.edit(REQUESTS)
+    assert not model.state.batches
+    assert all(torch.equal(model.engine.weight(name), weights[name]) for name in names)
+    # The same batch under a guard above its growth goes through, with the same growth.
+    model.editing_args.collapse_guard = growth * 1.01
+    assert model.edit(REQUESTS).batches[0].telemetry.max_weight_growth == pytest.approx(growth)
+
+
+def test_collapse_guard_setting_is_checked():
+    with pytest.raises(ValueError, match="EditingArguments.collapse_guard"):
+        EditingArguments(collapse_guard=0.5)

@@ -29,7 +29,7 @@ from ..registry import (
 from ..requests import EditRequest
 from ..statistics import KeyStatistics
 from ..updates import BatchUpdate, LayerUpdate
-from .targets import ForwardMode
+from .targets import ForwardMode, TargetResult
 
 __all__ = ["PROJECTION_SUPPORT", "BatchUpdate", "EditContext", "EditMethod", "LayerUpdate", "MethodConfig",
            "ProjectionSupport", "get_method_classes", "list_methods", "projection_support", "register_method"]
@@ -55,6 +55,9 @@ class EditContext:
     # Optional constraint on every update before it is applied (e.g. the null-space projection of a method
     # that does not solve in the null space itself); returns the update as it will be applied.
     constrain_update: Callable[[LayerUpdate], LayerUpdate] | None = None
+    # Optional rescaling of a batch's optimised targets before the layers are solved for (NAS, `methods.nas`), applied
+    # by `LocateThenEditMethod.optimize_targets` on the model as the targets were optimised on.
+    rescale_targets: Callable[[Sequence[EditRequest], TargetResult], TargetResult] | None = None
     hub_token: str | None = None  # for a method that fetches a trained artifact (MEND's editor) from the Hub
 
     def apply_update(self, update: LayerUpdate) -> LayerUpdate:
@@ -77,6 +80,10 @@ class EditMethod(Protocol):
     `commit` changes; the engine copies exactly those around each batch, so a failed batch leaves no trace, and
     restores them to rebuild the state after an undo. Undeclared, every dict-of-tensors attribute is copied
     (safe, but constants such as `λC₀` then cost a copy per batch).
+
+    Optional class attribute `target_rescaling` (default False; True on `LocateThenEditMethod`) says that the method
+    optimises its targets through `LocateThenEditMethod.optimize_targets`, so `EditingArguments.norm_anchor=True`
+    (NAS, `context.rescale_targets`) applies to it; methods with their own target procedure refuse it.
 
     Optional attribute `edited_modules` (dotted module paths) names the matrices besides the rewrite modules of
     `hparams.layers` that the method's updates change (`LayerUpdate.module`, e.g. MEND's gate/up projections), so

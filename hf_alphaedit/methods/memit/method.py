@@ -31,7 +31,9 @@ class Memit(LocateThenEditMethod):
 
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         keys64 = keys.T.double()  # [d_k, n]
-        return torch.linalg.solve(self.preserved[layer] + keys64 @ keys64.T, keys64).T
+        system = self.preserved[layer] + keys64 @ keys64.T
+        self.note_condition(layer, system)
+        return torch.linalg.solve(system, keys64).T
 
     def commit(self, update: BatchUpdate) -> None:
         if not self.config.protect_previous_edits:

@@ -79,6 +79,7 @@ class NSE(Memit):
         selected = self.selected_neurons(keys)
         keys64 = keys.T.double()[selected]  # [s, n]
         system = self.preserved[layer][selected][:, selected] + keys64 @ keys64.T
+        self.note_condition(layer, system)
         right = keys64.new_zeros(keys.shape)  # [n, d_k]
         right[:, selected] = torch.linalg.solve(system, keys64).T
         return right
@@ -100,6 +101,7 @@ class NSE(Memit):
 
     def edit_batch(self, requests: Sequence[EditRequest]) -> BatchUpdate:
         ctx, hp = self.context, self.context.hparams
+        self.solve_conditions = {}
         timings = {"targets": 0.0, "keys": 0.0, "solve": 0.0}
         start = time.perf_counter()
         targets = self.optimize_targets(requests)
@@ -127,4 +129,4 @@ class NSE(Memit):
                             first_keys.new_zeros(0, ctx.spec.key_size), first_keys.new_zeros(0, ctx.spec.key_size))
         updates = [LayerUpdate.stack(layer, parts[layer] or [empty], layer_keys.float())
                    for layer, layer_keys in zip(hp.layers, keys, strict=True)]
-        return BatchUpdate(updates, targets.losses, targets.steps, targets.target_probabilities, timings)
+        return self.batch_update(updates, targets, timings)
