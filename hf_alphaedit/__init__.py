@@ -15,6 +15,7 @@ from .methods import (
     MethodConfig,
     NSEConfig,
     RomeConfig,
+    UltraEditConfig,
     list_methods,
     register_method,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "NSEConfig",
     "NullSpaceProjector",
     "RomeConfig",
+    "UltraEditConfig",
     "__version__",
     "list_methods",
     "register_method",

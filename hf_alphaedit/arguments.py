@@ -28,7 +28,7 @@ from .hparams import (
     resolve_hyperparameters,
 )
 from .memory import parse_memory_budget
-from .registry import get_method_classes, projection_support
+from .registry import get_method_classes, projection_support, supports_target_rescaling
 
 if TYPE_CHECKING:
     from .architectures import ModelSpec
@@ -48,7 +48,7 @@ SIDE_EFFECT_FIELDS = ("output_dir", "save_steps", "resume_from_checkpoint", "ove
                       "hub_token", "disable_tqdm", "target_memory_budget", "statistics_memory_budget")
 # Settings that name where data comes from: taken from published edits only when they name a Hub repo or data set
 # (or a keyword), never a path on the loader's machine.
-SOURCE_FIELDS = ("statistics_corpus", "projection", "mend_editor")
+SOURCE_FIELDS = ("statistics_corpus", "projection", "mend_editor", "norm_anchor_records")
 _SOURCE_KEYWORDS = {"projection": ("auto", "compute")}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(:[\w.-]+)?")
 
@@ -80,6 +80,20 @@ class EditingArguments:
     prune_clip: bool = setting(
         "Use min(F(σ), σ) (a deviation from the reference). The log restraint enlarges singular values just "
         "above σ_max when σ_max < 1/ln α; without this flag that case is refused.", default=False)
+    norm_anchor: bool = setting(
+        "Add NAS, Norm-Anchor Scaling (Liu et al. 2026, arXiv 2602.02543), to a locate-then-edit method (alphaedit, "
+        "memit, nse): each request's target MLP output v* = v0 + δ at the last edited layer is rescaled to the "
+        "anchor norm, or dropped (v* = v0) when ‖v*‖ exceeds twice the anchor. The anchor is the mean ‖v*‖ "
+        "(largest 5 percent left out) of norm_anchor_samples requests of norm_anchor_records, optimised on the "
+        "unedited model once per model and cached next to the key statistics.", default=False)
+    norm_anchor_records: str | None = setting(
+        "NAS: the requests that set the anchor, CounterFact-style records in a local .json/.jsonl file or a Hub "
+        "dataset name (train split); the first norm_anchor_samples of them are used. Take training records, never "
+        "the ones edits are evaluated on. Required with norm_anchor.", default=None)
+    norm_anchor_samples: int = setting(
+        "NAS: how many of norm_anchor_records set the anchor. Each costs one target optimisation (about 7 s for "
+        "SmolLM2-135M on 2 CPU cores), so the reference's 1000 would take two hours there; default 100.",
+        default=100, low=1)
     preset: str = setting(
         "How unset hyperparameters are chosen: 'auto' adapts them to the model (step size scaled to the "
         "hidden-state RMS, optimisation until the target is reached, up to a cap); 'reference' reproduces the "
@@ -229,6 +243,14 @@ class EditingArguments:
             raise ValueError(f"EditingArguments.use_projection=True: method {self.method!r} does not apply its "
                              "updates as key-space deltas of the edited projections, so they cannot be projected; "
                              "leave use_projection unset.")
+        if self.norm_anchor and not self.norm_anchor_records:
+            raise ValueError("EditingArguments.norm_anchor=True needs norm_anchor_records: the CounterFact-style "
+                             "records (a .json/.jsonl file or a Hub dataset name) whose targets set the anchor norm; "
+                             "give training records, not the ones you evaluate on.")
+        if self.norm_anchor and not supports_target_rescaling(get_method_classes(self.method)[1]):
+            raise ValueError(f"EditingArguments.norm_anchor=True: method {self.method!r} has its own target "
+                             "procedure, so NAS cannot rescale its targets; use a locate-then-edit method (alphaedit, "
+                             "memit, nse) or leave norm_anchor off.")
 
     def resolve(self, spec: ModelSpec, method_config: Any = None) -> ResolvedHyperparameters:
         """Every unset hyperparameter filled for the model described by `spec` (`hparams.resolve_hyperparameters`;
@@ -281,6 +303,10 @@ class EditingArguments:
                     dropped.append(name)
             else:
                 kept[name] = value
+        if kept.get("norm_anchor") and "norm_anchor_records" not in kept:
+            # NAS cannot run without the records, and the publisher's were a path on their machine.
+            del kept["norm_anchor"]
+            dropped.append("norm_anchor")
         if dropped:
             logger.warning("published edits: ignoring their settings %s (they would act on this machine or are "
                            "unknown to this version); pass editing_args to choose them", sorted(dropped))

@@ -287,6 +287,8 @@ class AlphaEditModel(nn.Module):
         if self.hparams.use_projection and getattr(method_cls, "projection", "optional") == "optional":
             layers = self.hparams.layers
             context.constrain_update = NullSpaceBooster(self.null_space_projector(layers), layers, self.device)
+        if self.editing_args.norm_anchor:
+            context.rescale_targets = self.provider.norm_anchor_scaling()
         return context
 
     def _prune_restraint(self) -> PruneRestraint:

@@ -6,13 +6,16 @@ Statistics always describe the base model: they are read, fingerprinted and coll
 (`distributed.data_parallel`); every rank gets the combined statistics and rank 0 alone writes the cache and
 pushes. The disk cache is keyed on an exact digest of the weights they depend on (embeddings and the blocks up to
 the layer), the model dtype, the transformers version, the corpus and the sampling settings, so statistics of other
-weights are never reused; non-finite statistics are never cached.
+weights are never reused; non-finite statistics are never cached. NAS's anchor norm (`methods.nas`), another
+property of the base model, is cached in the same folder, keyed on a digest of every weight.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,11 +29,15 @@ from .artifacts import ArtifactError, check_artifact, default_artifact_repo_id, 
 from .corpus import corpus_fingerprint, load_corpus_texts
 from .distributed import data_parallel
 from .engine import EditEngine
-from .fingerprint import weight_fingerprint, weights_digests
+from .evaluation import load_edit_records
+from .fingerprint import records_sha256, weight_fingerprint, weights_digests, weights_sha256
 from .hparams import ResolvedHyperparameters
 from .hub import ModelSource, hub_namespace, hub_unreachable_reason
 from .memory import resolve_memory_budget
+from .methods.nas import NormAnchor, NormAnchorScaling, compute_norm_anchor
+from .methods.prompts import check_request_lengths, ensure_context_templates
 from .projection import LoadedArtifact, NullSpaceProjector, load_projection_artifact
+from .requests import EditRequest, as_edit_requests
 from .statistics import (
     KeyStatistics,
     collect_key_statistics,
@@ -43,6 +50,9 @@ from .telemetry import NullSpaceRoomTracker
 logger = logging.getLogger(__name__)
 
 MAX_STATISTICS_LENGTH = 4096
+# What the targets whose norms NAS averages depend on, besides the weights, the templates and the records.
+_TARGET_HYPERPARAMETERS = ("z_layer", "fact_token", "v_lr", "v_lr_rms_factor", "v_num_grad_steps", "v_weight_decay",
+                           "clamp_norm_factor", "kl_factor", "v_early_stop_loss")
 # What makes `projection="auto"` fall back to computing: no artifact there, no Hub, or an unusable artifact.
 _AUTO_FALLBACK_ERRORS = (ArtifactError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError)
 
@@ -91,8 +101,7 @@ class StatisticsProvider:
     def _load_or_collect(self, layers: list[int]) -> None:
         args = self.editing_args
         model = self.engine.model
-        cache_dir = Path(args.statistics_cache_dir or os.path.join(
-            os.environ.get("HF_ALPHAEDIT_CACHE", os.path.expanduser("~/.cache/hf_alphaedit")), "statistics"))
+        cache_dir = self.cache_dir()
         max_length = self.statistics_max_length()
         digests = weights_digests(model, self.spec, layers)
         corpus = corpus_fingerprint(args.statistics_corpus)
@@ -132,6 +141,76 @@ class StatisticsProvider:
             if parallel is None or parallel.is_main:
                 save_layer_statistics(paths[layer], single, layer)
             self._statistics[layer] = single
+
+    def cache_dir(self) -> Path:
+        """`editing_args.statistics_cache_dir`, else `$HF_ALPHAEDIT_CACHE/statistics` or
+        `~/.cache/hf_alphaedit/statistics`."""
+        return Path(self.editing_args.statistics_cache_dir or os.path.join(
+            os.environ.get("HF_ALPHAEDIT_CACHE", os.path.expanduser("~/.cache/hf_alphaedit")), "statistics"))
+
+    def norm_anchor_scaling(self) -> NormAnchorScaling:
+        """`EditContext.rescale_targets` for NAS (`EditingArguments.norm_anchor`) with the base model's anchor."""
+        return NormAnchorScaling(self.norm_anchor(), self.engine.model, self.tokenizer, self.spec, self.hparams)
+
+    def norm_anchor(self) -> NormAnchor:
+        """NAS's anchor norm of the z-layer (`methods.nas`) on the base model: from memory, the disk cache, or
+        computed once from the first `editing_args.norm_anchor_samples` records of `norm_anchor_records` on the
+        exact original weights (`engine.without_edits()`: the edited ones are back, bit for bit, afterwards), with
+        the run's target-optimisation hyperparameters and context templates (generated now if no edit has yet).
+
+        The cache is keyed on a digest of every weight of the base model (and so its dtype), the edited module,
+        those hyperparameters and templates, the records' content and number, and the transformers version.
+        """
+        args, hp, model = self.editing_args, self.hparams, self.engine.model
+        if not args.norm_anchor_records:
+            raise ValueError("EditingArguments.norm_anchor_records is not set: give the CounterFact-style records "
+                             "(a .json/.jsonl file or a Hub dataset name) whose targets set NAS's anchor norm.")
+        records = load_edit_records(args.norm_anchor_records, limit=args.norm_anchor_samples)
+        requests = as_edit_requests(records, batch_size=1)  # optimised independently: no conflicts between them
+        with self.engine.editing_mode(), self.engine.without_edits():
+            templates = ensure_context_templates(self.engine.state.context_templates, model, self.tokenizer, hp,
+                                                 args.seed)
+            module = self.spec.rewrite_module_name(hp.z_layer)
+            key = statistics_cache_key(
+                kind="norm_anchor", weights=weights_sha256(model), module=module, templates=list(templates),
+                hyperparameters={name: getattr(hp, name) for name in _TARGET_HYPERPARAMETERS},
+                records=records_sha256(records), samples=len(requests), transformers=transformers.__version__)
+            if key in self._norm_anchors:
+                return self._norm_anchors[key]
+            path = self.cache_dir() / f"{self.spec.model_type}-norm-anchor-layer{hp.z_layer}-{key}.json"
+            if path.exists():
+                anchor = NormAnchor.from_dict(json.loads(path.read_text(encoding="utf-8")))
+                logger.info("NAS: anchor norm %.6g of %s from the cache %s", anchor.value, module, path)
+            else:
+                anchor = self._compute_norm_anchor(requests, templates, path)
+        self._norm_anchors[key] = anchor
+        return anchor
+
+    def _compute_norm_anchor(self, requests: Sequence[EditRequest], templates: Sequence[str],
+                             path: Path) -> NormAnchor:
+        args, model = self.editing_args, self.engine.model
+        if len(requests) < args.norm_anchor_samples:
+            logger.warning("NAS: norm_anchor_records holds %d records, fewer than norm_anchor_samples=%d; the "
+                           "anchor is the mean over all of them", len(requests), args.norm_anchor_samples)
+        check_request_lengths(self.tokenizer, model.config, requests, self.hparams.context_template_length)
+        logger.info("NAS: optimising the targets of %d requests of %s on the unedited model for the anchor norm "
+                    "(once per model)", len(requests), args.norm_anchor_records)
+        start = time.perf_counter()
+        anchor = compute_norm_anchor(model, self.tokenizer, self.spec, self.hparams, templates, requests,
+                                     batch_tokens=args.target_batch_tokens, memory_budget=args.target_memory_budget,
+                                     mode=self.engine.forward_mode or "full", show_progress=not args.disable_tqdm)
+        parallel = data_parallel()
+        if parallel is None or parallel.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({**anchor.to_dict(), "records": args.norm_anchor_records}, indent=1) + "\n",
+                           encoding="utf-8")
+            os.replace(tmp, path)
+        logger.warning("NAS: anchor norm of %s = %.6g, the mean ‖v*‖ of %d requests without the largest %d (untrimmed "
+                       "mean %.6g; %.0f s); cached in %s", self.spec.rewrite_module_name(self.hparams.z_layer),
+                       anchor.value, len(anchor.norms), anchor.dropped, anchor.raw_mean,
+                       time.perf_counter() - start, path)
+        return anchor
 
     def null_space_projector(self, layers: Sequence[int]) -> NullSpaceProjector:
         """The null-space projector of `layers` for the run's threshold.

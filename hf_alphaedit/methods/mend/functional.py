@@ -13,7 +13,7 @@ alone for each evaluation (before the edit, after it); logits are only computed 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,7 +127,7 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, spec: ModelSpec, batch: EncodedBatch, start: int | None = None) -> None:
         self.model, self.spec, self.batch, self.start = model, spec, batch, start
-        self._positions = (batch.labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        self._positions = label_positions(batch).nonzero(as_tuple=True)
         self._blocks: BlockRunner | None = None
         self._hidden: torch.Tensor | None = None
         if start is not None:
@@ -182,17 +182,20 @@ def blocks_match_full_model(model: nn.Module, spec: ModelSpec, batch: EncodedBat
     return error < _BLOCKS_TOLERANCE
 
 
-def gradient_factors(runner: ModelRunner, modules: Sequence[str], num_edit_rows: int | None = None,
-                     ) -> tuple[dict[str, GradientFactors], LabelLogits]:
-    """The input `x_t` and output gradient `δ_t` of each matrix in `modules` at every token row that leads to a
-    label of the first `num_edit_rows` sequences (all by default), for the loss `Σ_b mean NLL_b` over those
-    sequences (each request's rows are what they would be alone), and the batch's `LabelLogits` (detached).
+def label_positions(batch: EncodedBatch) -> torch.Tensor:
+    """`[B, L]` bool: the positions whose logits the loss reads (the next token is a label)."""
+    labelled = batch.labels != IGNORE_INDEX
+    return torch.cat([labelled[:, 1:], torch.zeros_like(labelled[:, :1])], dim=1)
 
-    Rows are the positions before each sequence's last label (padding and later positions have `δ = 0`); rows with
-    an all-zero `x` or `δ` are dropped as well (§8.2). The model's weights are not changed and get no gradient.
-    """
-    batch = runner.batch
-    edit_rows = batch.size if num_edit_rows is None else num_edit_rows
+
+def module_activations(runner: ModelRunner, modules: Sequence[str],
+                       loss_of: Callable[[LabelLogits], torch.Tensor],
+                       ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], LabelLogits]:
+    """The input `[B·L, d_in]` of each matrix in `modules` and the gradient `[B·L, d_out]` of `loss_of(label
+    logits)` w.r.t. its output, at every token position flattened row-major (OPT's MLP sees the tokens flattened),
+    detached and in the model's dtype, and the batch's `LabelLogits` (detached). The model's weights are not changed
+    and get no gradient: the matrices' weights are replaced by detached leaves, so only the outputs' gradients are
+    computed."""
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def capture(name: str):
@@ -206,21 +209,37 @@ def gradient_factors(runner: ModelRunner, modules: Sequence[str], num_edit_rows:
     try:
         with torch.enable_grad():
             logits = runner.label_logits(leaves)
-            loss = logits.select(0, edit_rows).nll().sum()
-            grads = torch.autograd.grad(loss, [captured[name][1] for name in modules])
+            grads = torch.autograd.grad(loss_of(logits), [captured[name][1] for name in modules])
     finally:
         for handle in handles:
             handle.remove()
-    mask = _rows_leading_to_labels(batch, edit_rows).reshape(-1)
-    factors = {}
+    activations = {}
     for name, grad in zip(modules, grads, strict=True):
         inputs = captured[name][0].detach()
-        inputs = inputs.reshape(-1, inputs.shape[-1]).float()[mask]  # OPT's MLP sees the tokens flattened
-        output_grads = grad.detach().reshape(-1, grad.shape[-1]).float()[mask]
+        activations[name] = (inputs.reshape(-1, inputs.shape[-1]), grad.detach().reshape(-1, grad.shape[-1]))
+    return activations, LabelLogits(logits.logits.detach(), logits.rows, logits.tokens, logits.num_rows)
+
+
+def gradient_factors(runner: ModelRunner, modules: Sequence[str], num_edit_rows: int | None = None,
+                     ) -> tuple[dict[str, GradientFactors], LabelLogits]:
+    """The input `x_t` and output gradient `δ_t` of each matrix in `modules` at every token row that leads to a
+    label of the first `num_edit_rows` sequences (all by default), for the loss `Σ_b mean NLL_b` over those
+    sequences (each request's rows are what they would be alone), and the batch's `LabelLogits` (detached).
+
+    Rows are the positions before each sequence's last label (padding and later positions have `δ = 0`); rows with
+    an all-zero `x` or `δ` are dropped as well (§8.2). The model's weights are not changed and get no gradient.
+    """
+    batch = runner.batch
+    edit_rows = batch.size if num_edit_rows is None else num_edit_rows
+    activations, logits = module_activations(runner, modules,
+                                             lambda label_logits: label_logits.select(0, edit_rows).nll().sum())
+    mask = _rows_leading_to_labels(batch, edit_rows).reshape(-1)
+    factors = {}
+    for name, (inputs, output_grads) in activations.items():
+        inputs, output_grads = inputs[mask].float(), output_grads[mask].float()
         nonzero = (inputs != 0).any(-1) & (output_grads != 0).any(-1)
         factors[name] = GradientFactors(inputs[nonzero], output_grads[nonzero])
-    detached = LabelLogits(logits.logits.detach(), logits.rows, logits.tokens, logits.num_rows)
-    return factors, detached
+    return factors, logits
 
 
 def _rows_leading_to_labels(batch: EncodedBatch, edit_rows: int) -> torch.Tensor:
@@ -312,5 +331,5 @@ def mend_losses(editor: MendEditor, episode: EditEpisode, *, edit_weight: float,
 
 
 __all__ = ["IGNORE_INDEX", "EditEpisode", "EncodedBatch", "LabelLogits", "MendLosses", "ModelRunner",
-           "blocks_match_full_model",
-           "concatenate", "edited_weights", "encode_continuations", "gradient_factors", "locality_kl", "mend_losses"]
+           "blocks_match_full_model", "concatenate", "edited_weights", "encode_continuations", "gradient_factors",
+           "label_positions", "locality_kl", "mend_losses", "module_activations"]
