@@ -6,8 +6,14 @@
     python scripts/benchmark_sequential.py --scorer_speedup [--speedup_records 200] [--full_evaluation]
 
 A method is a registered name with optional `+projection` (AlphaEdit's null-space projection of every update,
-`use_projection=True`), `+prune` (the PRUNE restraint, `prune=True`) and, for FT, `+unconstrained` (no L∞ box, so
-FT's default layer is `round(0.66·N)`, as the reference's Llama-3-8B file): `memit+projection`, `alphaedit+prune`.
+`use_projection=True`), `+prune` (the PRUNE restraint, `prune=True`), `+nas` (NAS's norm-anchor scaling of the
+targets, `norm_anchor=True`, for the locate-then-edit methods alphaedit, memit and nse) and, for FT, `+unconstrained`
+(no L∞ box, so FT's default layer is `round(0.66·N)`, as the reference's Llama-3-8B file): `memit+projection`,
+`alphaedit+prune`, `alphaedit+nas`. NAS's anchor comes from the first 100 records of the training file
+`../shared/data/counterfact/counterfact-train.json`, never from the evaluated records; it is computed once per model
+(one target optimisation per record, about 7 s each on 2 CPU cores) and cached next to the key statistics.
+`+field=value` sets any EditingArguments field for that run (`alphaedit+v_lr_rms_factor=0.5+clamp_norm_factor=0.5`,
+`memit+mom2_update_weight=2000`): calibration points, run on the training records with `--records`.
 `--methods all` compares alphaedit, memit, memit+projection, memit+prune, alphaedit+prune, rome, ft+unconstrained
 and nse (and any other registered method; `mend` only with `--mend_editor`). `mend` needs a trained editor
 (`--mend_editor`, e.g. the folder `hf-alphaedit train-mend` wrote); `mend+projection` and `mend+prune` are its
@@ -24,7 +30,9 @@ weights, records and their hash, edit history, when it was measured, metric fami
 Writes into the output folder: `base/edits_0000.json`, `<method>/edits_NNNN.json` (one atomic file per evaluation;
 existing ones are skipped on a rerun, and `<method>/resume/` holds a `hf_alphaedit.checkpointing` checkpoint after
 the last finished batch, so a run continues there), `results.json`, `results.md` and `metrics_vs_edits.png`,
-`comparison.png`, `general.png`.
+`comparison.png`, `general.png`, and per method `<method>/telemetry.json` (every batch's collapse telemetry:
+`‖W‖/‖W₀‖`, `‖ΔW‖`, the condition number of each solve, the null-space room left, the target norms) plotted in
+`telemetry.png`.
 
 `--single_edits N` also edits each of the first N records alone into the unedited model (edit, evaluate that
 record, revert), per method, so the collapse of sequential editing shows against what one edit achieves; written to
@@ -74,17 +82,23 @@ COMPARISON = ("alphaedit", "memit", "memit+projection", "memit+prune", "alphaedi
 # option -> (EditingArguments fields, method config fields)
 VARIANT_OPTIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "projection": ({"use_projection": True}, {}), "prune": ({"prune": True}, {}),
+    "nas": ({"norm_anchor": True, "norm_anchor_records": str(DATA / "counterfact" / "counterfact-train.json")}, {}),
     "unconstrained": ({}, {"norm_constraint": None})}
 
 
 def variant_arguments(name: str, mend_editor: str | None = None) -> tuple[dict[str, Any], MethodConfig | None]:
-    """EditingArguments fields and method config of a method name with `+option` suffixes, e.g. 'memit+prune'
-    (`mend_editor`: the trained editor the MEND variants use)."""
+    """EditingArguments fields and method config of a method name with `+option` suffixes, e.g. 'memit+prune', or
+    `+field=value` settings of EditingArguments, e.g. 'alphaedit+v_lr_rms_factor=0.5' (calibration runs);
+    `mend_editor`: the trained editor the MEND variants use."""
     method, *options = name.split("+")
+    settings = dict(option.split("=", 1) for option in options if "=" in option)
+    options = [option for option in options if "=" not in option]
     unknown = [option for option in options if option not in VARIANT_OPTIONS]
+    unknown += [f"{field}=" for field in settings if field not in EditingArguments.__dataclass_fields__]
     if unknown:
         raise SystemExit(f"--methods: {name!r} has unknown option(s) {unknown}; options are "
-                         f"{['+' + option for option in VARIANT_OPTIONS]}.")
+                         f"{['+' + option for option in VARIANT_OPTIONS]} and +field=value for EditingArguments "
+                         "fields.")
     fields: dict[str, Any] = {"method": method}
     if method == "mend":
         if not mend_editor:
@@ -95,6 +109,7 @@ def variant_arguments(name: str, mend_editor: str | None = None) -> tuple[dict[s
     for option in options:
         fields.update(VARIANT_OPTIONS[option][0])
         config_fields.update(VARIANT_OPTIONS[option][1])
+    fields.update(settings)
     try:  # fail now, not after an hour of editing
         EditingArguments(**fields)
         config_cls = get_method_classes(method)[0]
@@ -110,8 +125,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_edits", type=int, default=None, help="Default 1000 (200 with --quick).")
     parser.add_argument("--batch_size", type=int, default=100)
     parser.add_argument("--methods", default="alphaedit,memit",
-                        help="Comma-separated method names, each optionally with +projection / +prune; 'all' for "
-                             "the comparison of the registered methods and the boosted variants.")
+                        help="Comma-separated method names, each optionally with +projection / +prune / +nas; "
+                             "'all' for the comparison of the registered methods and the boosted variants.")
     parser.add_argument("--eval_every", type=int, default=0,
                         help="Also evaluate every k batches (0: only after all edits, as the paper).")
     parser.add_argument("--general_examples", type=int, default=100,
@@ -177,6 +192,11 @@ def checkpoint_path(output_dir: Path, name: str, edits: int) -> Path:
     return output_dir / name / f"edits_{edits:04d}.json"
 
 
+def telemetry_path(output_dir: Path, name: str) -> Path:
+    """Every batch's collapse telemetry of a method (`BatchTelemetry.to_dict()` with its batch and edit count)."""
+    return output_dir / name / "telemetry.json"
+
+
 def metric_names(dataset: str, family: str) -> list[str]:
     """Result keys of efficacy, generalization, specificity for a dataset and a family ('teacher_forced' or
     'live'): e.g. 'efficacy', 'live_efficacy', 'zsre_efficacy', 'zsre_live_efficacy'."""
@@ -240,6 +260,9 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
             print(f"[{method}] {edited} edits: " + ", ".join(
                 f"{m} {metrics[m]:.1f}" for m in metric_names(args.dataset, "teacher_forced")
                 + (metric_names(args.dataset, "live") if args.live else [])), flush=True)
+        write_json(telemetry_path(args.output_dir, method), [
+            {"batch": record.index, "num_edits": sum(len(r.requests) for r in model.state.batches[:record.index + 1]),
+             **record.telemetry} for record in model.state.batches])
         if batch != num_batches:
             save_checkpoint(model, resume, run)
 
@@ -408,6 +431,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> Non
     figure.savefig(args.output_dir / "comparison.png", dpi=120)
     plt.close(figure)
 
+    plot_telemetry(args)
     if not (base and "general" in base):
         return
     tasks = general_tasks(base)
@@ -423,6 +447,45 @@ def plot(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> Non
     axis.legend()
     figure.tight_layout()
     figure.savefig(args.output_dir / "general.png", dpi=120)
+    plt.close(figure)
+
+
+def plot_telemetry(args: argparse.Namespace) -> None:
+    """`telemetry.png`: per method against the number of edits, the largest `‖W‖/‖W₀‖` and the mean `‖ΔW‖` of the
+    edited matrices, the largest condition number of a solve, the smallest null-space room left and the mean
+    target shift `‖z − h‖` (batches recorded before the telemetry existed have none and are left out)."""
+    import matplotlib.pyplot as plt
+
+    panels = [("largest ‖W‖/‖W₀‖", lambda t: max(layer["weight_growth"] for layer in t["layers"]), "linear"),
+              ("mean ‖ΔW‖ of the batch", lambda t: sum(layer["update_norm"] for layer in t["layers"])
+               / len(t["layers"]), "linear"),
+              ("largest condition number of a solve", lambda t: max(
+                  (layer["condition_number"] for layer in t["layers"] if layer["condition_number"] is not None),
+                  default=None), "log"),
+              ("smallest null-space room left", lambda t: min(
+                  (layer["null_space_left"] for layer in t["layers"] if layer["null_space_left"] is not None),
+                  default=None), "linear"),
+              ("mean target shift ‖z − h‖", lambda t: sum(t["target_shift_norms"]) / len(t["target_shift_norms"])
+               if t.get("target_shift_norms") else None, "linear")]
+    series = {}
+    for method in args.methods:
+        path = telemetry_path(args.output_dir, method)
+        if path.exists():
+            series[method] = [entry for entry in json.loads(path.read_text()) if entry.get("layers")]
+    if not any(series.values()):
+        return
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    for axis, (title, value, scale) in zip(axes, panels, strict=True):
+        for method, entries in series.items():
+            points = [(entry["num_edits"], value(entry)) for entry in entries]
+            points = [point for point in points if point[1] is not None]
+            if points:
+                axis.plot(*zip(*points, strict=True), marker=".", label=method)
+        axis.set(title=title, xlabel="number of edits", yscale=scale)
+        axis.title.set_fontsize("small")
+    axes[0].legend(fontsize="x-small")
+    figure.tight_layout()
+    figure.savefig(args.output_dir / "telemetry.png", dpi=120)
     plt.close(figure)
 
 
@@ -506,7 +569,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.figures_dir:
         figures = Path(args.figures_dir)
         figures.mkdir(parents=True, exist_ok=True)
-        for name in ("results.md", "results.json", "metrics_vs_edits.png", "comparison.png", "general.png"):
+        for name in ("results.md", "results.json", "metrics_vs_edits.png", "comparison.png", "general.png",
+                     "telemetry.png"):
             if (args.output_dir / name).exists():
                 shutil.copy2(args.output_dir / name, figures / name)
     print(table)
