@@ -23,6 +23,7 @@ import torch
 if TYPE_CHECKING:
     from .modeling import AlphaEditModel
     from .state import BatchRecord
+    from .updates import LayerUpdate
 
 
 @dataclass(frozen=True)
@@ -107,41 +108,58 @@ class BatchTelemetry:
 
 
 class NullSpaceRoomTracker:
-    """The room left in each layer's null space, kept up to date batch after batch at the cost of one `[r, r]`
-    eigendecomposition per layer.
+    """The room left in each layer's null space, kept up to date batch after batch at a cost that does not grow with
+    the number of edits already applied.
 
-    Holds per layer the Gram matrix `G = Ûᵀ Kᵀ K Û` `[r, r]` (float64) of the applied edit keys `K` projected into
-    the null space `Û` `[d_k, r]`; the rank of `K Û` is the number of eigenvalues of `G` above `rtol² · λ_max`
-    (`σ = √λ`). Batches are folded in once; an undo (or any other change of the applied batches) refolds them.
+    Holds per layer an orthonormal basis `Q` `[r, used]` (float64, on the projector's device) of the span of the
+    applied edit keys projected into the null space, `K Û`. A batch's projected keys `X` `[n, r]` add the directions
+    of their residual `X − X Q Qᵀ` (orthogonalised twice) whose singular values are above
+    `max(N, r) · ε_float32 · s`, `N` the keys applied so far and `s` the largest singular value of any batch's `X`
+    (NumPy's `matrix_rank` rule with the precision of the float32 forward passes the keys come from): one `[n, r]`
+    SVD per layer and batch instead of a decomposition of everything applied. Batches are folded in once; an undo
+    (or any other change of the applied batches) refolds them. An explicit `rtol` instead takes the numerical rank
+    of all keys at once (`exact_room`).
     """
 
     def __init__(self, bases: Mapping[int, torch.Tensor], rewrite_modules: Mapping[int, str]) -> None:
-        self.bases = {layer: basis.detach().to("cpu", torch.float64) for layer, basis in bases.items()}
+        self.bases = {layer: basis.detach().to(torch.float64) for layer, basis in bases.items()}
         self.rewrite_modules = dict(rewrite_modules)  # layer -> the matrix whose keys the projector describes
         self._reset()
 
     def _reset(self) -> None:
-        self._grams = {layer: basis.new_zeros(basis.shape[1], basis.shape[1]) for layer, basis in self.bases.items()}
+        self._spans = {layer: basis.new_zeros(basis.shape[1], 0) for layer, basis in self.bases.items()}
+        self._scales = dict.fromkeys(self.bases, 0.0)
         self._num_keys = dict.fromkeys(self.bases, 0)
         self._folded: list[BatchRecord] = []
 
     def room(self, batches: Sequence[BatchRecord], rtol: float | None = None) -> dict[int, NullSpaceRoom]:
         """`{layer: NullSpaceRoom}` after `batches` (the applied batches, in order); see `null_space_room`."""
-        if rtol is not None and not 0 <= rtol < 1:
+        if rtol is not None:
+            return self.exact_room(batches, rtol)
+        self._fold(batches)
+        return {layer: NullSpaceRoom(layer, *basis.shape, self._num_keys[layer], self._spans[layer].shape[1])
+                for layer, basis in self.bases.items()}
+
+    def exact_room(self, batches: Sequence[BatchRecord], rtol: float) -> dict[int, NullSpaceRoom]:
+        """The numerical rank of all of `batches`' keys projected into each null space at once: the singular values
+        of `K Û` `[N, r]` above `rtol · σ_max` (an SVD whose cost grows with `N`)."""
+        if not 0 <= rtol < 1:
             raise ValueError(f"null_space_room: rtol={rtol!r} must be in [0, 1) (a fraction of the largest singular "
                              "value), or None for the float32 default.")
-        self._fold(batches)
         room = {}
         for layer, basis in self.bases.items():
-            key_dim, null_space_dim = basis.shape
-            num_keys, used = self._num_keys[layer], 0
-            if num_keys and null_space_dim:
-                eigenvalues = torch.linalg.eigvalsh(self._grams[layer])
-                tolerance = max(num_keys, null_space_dim) * torch.finfo(torch.float32).eps if rtol is None else rtol
-                largest = float(eigenvalues[-1])
-                used = int((eigenvalues > tolerance ** 2 * largest).sum()) if largest > 0 else 0
-            room[layer] = NullSpaceRoom(layer, key_dim, null_space_dim, num_keys, used)
+            keys = [update.keys for record in batches for update in self._updates(record) if update.layer == layer]
+            num_keys, used = sum(k.shape[0] for k in keys), 0
+            if keys and basis.shape[1]:
+                singular_values = torch.linalg.svdvals(torch.cat([k.to(basis) for k in keys]) @ basis)
+                used = int((singular_values > rtol * singular_values.max()).sum())
+            room[layer] = NullSpaceRoom(layer, *basis.shape, num_keys, used)
         return room
+
+    def _updates(self, record: BatchRecord) -> list[LayerUpdate]:
+        """The record's updates of the matrices the projector describes (MEND also edits others of a layer)."""
+        return [update for update in record.layers if update.layer in self.bases
+                and update.module in (None, self.rewrite_modules[update.layer])]
 
     def _fold(self, batches: Sequence[BatchRecord]) -> None:
         folded = len(self._folded)
@@ -149,13 +167,20 @@ class NullSpaceRoomTracker:
             self._reset()
             folded = 0
         for record in batches[folded:]:
-            for update in record.layers:
-                basis = self.bases.get(update.layer)
-                if basis is None or update.module not in (None, self.rewrite_modules[update.layer]):
-                    continue  # another matrix of the layer (MEND edits several)
-                projected = update.keys.to("cpu", torch.float64) @ basis  # K Û, [n, r]
-                self._grams[update.layer] += projected.T @ projected
-                self._num_keys[update.layer] += update.keys.shape[0]
+            for update in self._updates(record):
+                layer, basis = update.layer, self.bases[update.layer]
+                self._num_keys[layer] += update.keys.shape[0]
+                if not basis.shape[1]:
+                    continue
+                projected = update.keys.to(basis) @ basis  # X = K Û, [n, r]
+                self._scales[layer] = max(self._scales[layer], float(torch.linalg.matrix_norm(projected, 2)))
+                span, residual = self._spans[layer], projected
+                for _ in range(2):  # Gram-Schmidt twice: one pass leaves round-off along the span
+                    residual = residual - (residual @ span) @ span.T
+                _, singular_values, directions = torch.linalg.svd(residual, full_matrices=False)
+                tolerance = (max(self._num_keys[layer], basis.shape[1]) * torch.finfo(torch.float32).eps
+                             * self._scales[layer])
+                self._spans[layer] = torch.cat([span, directions[singular_values > tolerance].T], dim=1)
             self._folded.append(record)
 
 
@@ -164,10 +189,11 @@ def null_space_room(model: AlphaEditModel, rtol: float | None = None) -> dict[in
 
     For layer `l` with null-space basis `Û = model.projector.bases[l]` `[d_k, r]` and the keys of every applied
     batch stacked as `K` `[N, d_k]` (`model.state.batches[i].layers[j].keys`, each `[n_i, d_k]`), `used` is the
-    numerical rank of `K Û` `[N, r]`: its singular values above `rtol · σ_max` count (computed in float64 as the
-    eigenvalues of `Ûᵀ Kᵀ K Û` above `rtol² · λ_max`, `NullSpaceRoomTracker`). The default `rtol` is
-    `max(N, r) · ε_float32` (NumPy's `matrix_rank` rule with the precision of the float32 forward passes the keys
-    come from), so keys that differ only by round-off count once.
+    numerical rank of `K Û` `[N, r]`. By default it is kept up to date batch by batch (`NullSpaceRoomTracker`: a
+    batch's keys add the directions outside the span so far whose singular values are above
+    `max(N, r) · ε_float32` times the largest singular value of a batch's keys), so keys that differ only by float32
+    round-off count once, at a cost per batch that does not grow with `N`; an explicit `rtol` counts the singular
+    values of all of `K Û` above `rtol · σ_max` at once.
 
     Needs a method that edits in the null space (`model.projector`, AlphaEdit or `use_projection=True`); building
     the projector the first time may collect key statistics.
