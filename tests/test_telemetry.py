@@ -112,7 +112,8 @@ def test_batch_telemetry_measures_the_weights_the_solve_and_the_targets(corpus, 
         basis = method.bases[layer]
         projected = basis.T @ record.layers[LAYERS.index(layer)].keys.T.to(basis)
         system = projected @ projected.T + model.hparams.l2 * torch.eye(basis.shape[1], dtype=basis.dtype)
-        assert entry.condition_number == pytest.approx(float(torch.linalg.cond(system)), rel=1e-6)
+        assert entry.condition_number == pytest.approx(float(torch.linalg.cond(system)), rel=1e-3)
+        assert entry.condition_number <= float(torch.linalg.cond(system)) * (1 + 1e-9)  # a lower bound
     assert [e.layer for e in report.telemetry.layers] == LAYERS
     # Target norms: ‖z‖ and ‖z − h‖ per request, positive (the targets moved).
     assert len(report.telemetry.target_norms) == len(report.telemetry.target_shift_norms) == len(REQUESTS)
@@ -129,8 +130,12 @@ def test_telemetry_of_a_method_without_null_space(corpus):
     model = _editor(corpus, method="memit")
     telemetry = model.edit(REQUESTS).batches[0].telemetry
     assert all(entry.null_space_left is None for entry in telemetry.layers)
-    # MEMIT's system λC₀ + K Kᵀ is reported for every layer.
-    assert all(entry.condition_number is not None and entry.condition_number > 1 for entry in telemetry.layers)
+    # MEMIT's system λC₀ + K Kᵀ is reported for every layer (an estimate; exact to 1e-3 here).
+    method = model.method
+    for entry, update in zip(telemetry.layers, model.state.batches[0].layers, strict=True):
+        keys64 = update.keys.T.double()
+        system = method.preserved[entry.layer] + keys64 @ keys64.T
+        assert entry.condition_number == pytest.approx(float(torch.linalg.cond(system)), rel=1e-3)
 
 
 def test_collapse_guard_refuses_a_batch_atomically(corpus):

@@ -45,8 +45,8 @@ class AlphaEdit(LocateThenEditMethod):
         projected_keys = basis.T @ keys.T.double()  # Ûᵀ K, [r, n]
         system = self.previous_gram[layer] + projected_keys @ projected_keys.T
         system.diagonal().add_(self.context.hparams.l2)
-        self.note_condition(layer, system)
         factor = torch.linalg.cholesky(system)
+        self.note_condition(layer, system, lambda vectors: torch.cholesky_solve(vectors, factor))
         solution = torch.cholesky_solve(projected_keys, factor)  # [r, n]
         return (basis @ solution).T
 

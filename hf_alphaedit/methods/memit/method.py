@@ -32,8 +32,9 @@ class Memit(LocateThenEditMethod):
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         keys64 = keys.T.double()  # [d_k, n]
         system = self.preserved[layer] + keys64 @ keys64.T
-        self.note_condition(layer, system)
-        return torch.linalg.solve(system, keys64).T
+        factors, pivots = torch.linalg.lu_factor(system)  # what linalg.solve does, kept for the condition estimate
+        self.note_condition(layer, system, lambda vectors: torch.linalg.lu_solve(factors, pivots, vectors))
+        return torch.linalg.lu_solve(factors, pivots, keys64).T
 
     def commit(self, update: BatchUpdate) -> None:
         if not self.config.protect_previous_edits:

@@ -79,9 +79,10 @@ class NSE(Memit):
         selected = self.selected_neurons(keys)
         keys64 = keys.T.double()[selected]  # [s, n]
         system = self.preserved[layer][selected][:, selected] + keys64 @ keys64.T
-        self.note_condition(layer, system)
+        factors, pivots = torch.linalg.lu_factor(system)  # what linalg.solve does, kept for the condition estimate
+        self.note_condition(layer, system, lambda vectors: torch.linalg.lu_solve(factors, pivots, vectors))
         right = keys64.new_zeros(keys.shape)  # [n, d_k]
-        right[:, selected] = torch.linalg.solve(system, keys64).T
+        right[:, selected] = torch.linalg.lu_solve(factors, pivots, keys64).T
         return right
 
     def error_bounds(self, targets: TargetResult) -> tuple[torch.Tensor, torch.Tensor]:
