@@ -368,7 +368,6 @@ class EditEngine:
                 room[layer].left if rewrite and layer in room else None))
         return BatchTelemetry(layers, list(update.target_norms), list(update.target_shift_norms))
 
-
     @contextlib.contextmanager
     def editing_mode(self) -> Iterator[None]:
         """Eval mode, frozen parameters and gradients enabled (also under a caller's `torch.no_grad()` or

@@ -37,7 +37,7 @@ class BatchRecord:
     target_probabilities: list[float]
     timings: dict[str, float]
     created_at: float
-    telemetry: dict[str, Any] = field(default_factory=dict)  # telemetry.BatchTelemetry.to_dict(); {} before 0.3
+    telemetry: dict[str, Any] = field(default_factory=dict)  # telemetry.BatchTelemetry.to_dict(); {} in older saves
     method_state: dict[str, torch.Tensor] = field(default_factory=dict)  # BatchUpdate.method_state
 
     @property
