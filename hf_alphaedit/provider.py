@@ -38,6 +38,7 @@ from .methods.nas import NormAnchor, NormAnchorScaling, compute_norm_anchor
 from .methods.prompts import check_request_lengths, ensure_context_templates
 from .projection import LoadedArtifact, NullSpaceProjector, load_projection_artifact
 from .requests import EditRequest, as_edit_requests
+from .state import atomic_write
 from .statistics import (
     KeyStatistics,
     collect_key_statistics,
@@ -202,10 +203,8 @@ class StatisticsProvider:
         parallel = data_parallel()
         if parallel is None or parallel.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({**anchor.to_dict(), "records": args.norm_anchor_records}, indent=1) + "\n",
-                           encoding="utf-8")
-            os.replace(tmp, path)
+            text = json.dumps({**anchor.to_dict(), "records": args.norm_anchor_records}, indent=1) + "\n"
+            atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         logger.warning("NAS: anchor norm of %s = %.6g, the mean ‖v*‖ of %d requests without the largest %d (untrimmed "
                        "mean %.6g; %.0f s); cached in %s", self.spec.rewrite_module_name(self.hparams.z_layer),
                        anchor.value, len(anchor.norms), anchor.dropped, anchor.raw_mean,

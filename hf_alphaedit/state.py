@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -90,8 +91,8 @@ class EditState:
                 "method_state": sorted(record.method_state)})
         meta = {"method": self.method, "layers": self.layers, "context_templates": self.context_templates,
                 "batches": batches}
-        _atomic_write(directory / STATE_TENSORS, lambda path: save_file(tensors, path))
-        _atomic_write(directory / STATE_JSON, lambda path: Path(path).write_text(json.dumps(meta, indent=2)))
+        atomic_write(directory / STATE_TENSORS, lambda path: save_file(tensors, path))
+        atomic_write(directory / STATE_JSON, lambda path: Path(path).write_text(json.dumps(meta, indent=2)))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> EditState:
@@ -143,7 +144,9 @@ def _update_entries(item: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
             for layer, rank in zip(item["layers"], ranks, strict=True)]
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    """Write `path` through `write(temporary path)` in its folder, then rename it into place: readers see the old
+    file or the whole new one, and a failure leaves no temporary file behind."""
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(handle)
     try:
