@@ -45,6 +45,7 @@ same records and writes `scorer_speedup.json`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -260,9 +261,10 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
             print(f"[{method}] {edited} edits: " + ", ".join(
                 f"{m} {metrics[m]:.1f}" for m in metric_names(args.dataset, "teacher_forced")
                 + (metric_names(args.dataset, "live") if args.live else [])), flush=True)
+        edits_after = itertools.accumulate(len(record.requests) for record in model.state.batches)
         write_json(telemetry_path(args.output_dir, method), [
-            {"batch": record.index, "num_edits": sum(len(r.requests) for r in model.state.batches[:record.index + 1]),
-             **record.telemetry} for record in model.state.batches])
+            {"batch": record.index, "num_edits": edits, **record.telemetry}
+            for record, edits in zip(model.state.batches, edits_after, strict=True)])
         if batch != num_batches:
             save_checkpoint(model, resume, run)
 
