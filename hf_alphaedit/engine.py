@@ -18,6 +18,7 @@ Every weight change of an edit, an undo, published edits or a resumed checkpoint
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -36,6 +37,8 @@ from .requests import EditRequest
 from .state import BatchRecord, EditState, revert_event
 from .telemetry import BatchTelemetry, LayerTelemetry, NullSpaceRoom
 from .updates import BatchUpdate, LayerUpdate
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,6 +100,7 @@ class EditEngine:
         self.method: Any = None
         self.restraint: Restraint | None = None
         self.null_space_room: Callable[[Sequence[BatchRecord]], dict[int, NullSpaceRoom]] | None = None
+        self._room_warned: set[int] = set()  # layers whose running out of null-space room was reported
         # How target optimisation runs the model (`methods.targets.ForwardMode`), chosen once per model.
         self.forward_mode: str | None = None
         # Edit-log lines of reverted batches (publishing.revert_event), written into edit_log.jsonl.
@@ -341,6 +345,7 @@ class EditEngine:
             telemetry = self.batch_telemetry(record, update)
             record.telemetry = telemetry.to_dict()
             check_collapse_guard(record, telemetry, collapse_guard)
+        self.warn_when_room_runs_out(telemetry, len(requests))
         return BatchReport(record.index, len(requests), time.perf_counter() - start, update.timings,
                            update.target_losses, update.target_steps, update.target_probabilities,
                            record.update_norms, telemetry)
@@ -367,6 +372,21 @@ class EditEngine:
                 update.solve_conditions.get(layer) if rewrite else None,
                 room[layer].left if rewrite and layer in room else None))
         return BatchTelemetry(layers, list(update.target_norms), list(update.target_shift_norms))
+
+    def warn_when_room_runs_out(self, telemetry: BatchTelemetry, batch_edits: int) -> None:
+        """Warn (once per layer) when an edited layer has fewer null-space directions left than the batch just
+        applied had edits: once they are all spanned, an edit there can only overwrite what earlier edits wrote, so
+        the efficacy of earlier edits decays."""
+        for layer in telemetry.layers:
+            if layer.null_space_left is None or layer.null_space_left >= batch_edits or layer.layer in self._room_warned:
+                continue
+            self._room_warned.add(layer.layer)
+            logger.warning(
+                "layer %d: %d null-space directions left after %d edits, fewer than this batch's %d: from here on "
+                "an edit at this layer overwrites what earlier edits wrote there and their efficacy decays. Spread "
+                "the edits over more layers (EditingArguments.layers) or loosen the projector (a higher "
+                "nullspace_threshold, or nullspace_threshold_mode='energy'), which protects less of what the model "
+                "knew.", layer.layer, layer.null_space_left, self.state.num_edits, batch_edits)
 
     @contextlib.contextmanager
     def editing_mode(self) -> Iterator[None]:

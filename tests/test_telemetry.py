@@ -72,6 +72,32 @@ def test_room_after_real_edits_and_undo(corpus):
     assert [(r.num_keys, r.used) for r in null_space_room(model).values()] == [(2, 2), (2, 2)]
 
 
+def test_running_out_of_room_is_warned_once_per_layer(corpus, caplog):
+    # A low absolute threshold leaves layer 1 a null space of a few directions and layer 2 a larger one.
+    model = AlphaEditModel(_scaled_model(), tiny_tokenizer(),
+                           _args(corpus, layers=LAYERS, nullspace_threshold=2e-3))
+    dims = {layer: basis.shape[1] for layer, basis in model.projector.bases.items()}
+    assert 4 < dims[1] < 8 and dims[2] > 16, dims  # the case this test is about
+    requests = [{"prompt": "{} is located in", "subject": subject, "target_new": "Rome"}
+                for subject in ("The tower", "The bridge", "The castle", "The river", "The palace", "The harbour",
+                                "The market", "The temple")]
+    with caplog.at_level("WARNING", logger="hf_alphaedit.engine"):
+        report = model.edit(requests[:4]).batches[0]
+    left = {entry.layer: entry.null_space_left for entry in report.telemetry.layers}
+    assert left == {1: dims[1] - 4, 2: dims[2] - 4}
+    warnings = [r.getMessage() for r in caplog.records if r.name == "hf_alphaedit.engine"]
+    assert warnings == [f"layer 1: {dims[1] - 4} null-space directions left after 4 edits, fewer than this batch's 4: "
+                        "from here on an edit at this layer overwrites what earlier edits wrote there and their "
+                        "efficacy decays. Spread the edits over more layers (EditingArguments.layers) or loosen the "
+                        "projector (a higher nullspace_threshold, or nullspace_threshold_mode='energy'), which "
+                        "protects less of what the model knew."]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_alphaedit.engine"):
+        report = model.edit(requests[4:]).batches[0]
+    assert {entry.layer: entry.null_space_left for entry in report.telemetry.layers} == {1: 0, 2: dims[2] - 8}
+    assert not [r for r in caplog.records if r.name == "hf_alphaedit.engine"]  # layer 1 was reported already
+
+
 def test_room_errors_name_the_problem(corpus):
     with pytest.raises(ValueError, match="rtol=1.5"):
         null_space_room(_editor(corpus), rtol=1.5)
