@@ -371,7 +371,8 @@ class EditEngine:
                 float(torch.linalg.matrix_norm(self.original_weight(module).float())),
                 update.solve_conditions.get(layer) if rewrite else None,
                 room[layer].left if rewrite and layer in room else None))
-        return BatchTelemetry(layers, list(update.target_norms), list(update.target_shift_norms))
+        return BatchTelemetry(layers, list(update.target_norms), list(update.target_shift_norms),
+                              list(update.hidden_norms))
 
     def warn_when_room_runs_out(self, telemetry: BatchTelemetry, batch_edits: int) -> None:
         """Warn (once per layer) when an edited layer has fewer null-space directions left than the batch just

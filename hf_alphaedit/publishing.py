@@ -95,7 +95,8 @@ def edit_log(model: AlphaEditModel) -> list[dict[str, Any]]:
     """Every applied request (`event: "edit"`) and every reverted batch (`event: "revert"`), in time order.
 
     An edit line carries its batch's collapse telemetry (`telemetry`: per edited matrix, `BatchTelemetry`) and,
-    from methods that optimise targets, the request's `target_norm` `‖z‖` and `target_shift_norm` `‖z − h‖`.
+    from methods that optimise targets, the request's `target_norm` `‖z‖`, `target_shift_norm` `‖z − h‖` and
+    `hidden_norm` `‖h‖`.
     """
     lines = list(model.revert_log)
     for record in model.state.batches:
@@ -105,7 +106,7 @@ def edit_log(model: AlphaEditModel) -> list[dict[str, Any]]:
             line = {"event": "edit", "batch": record.index, "position": position,
                     "method": model.state.method, "time": iso_time(record.created_at),
                     "timestamp": record.created_at, **request_summary(request), "update_norms": norms}
-            for name in ("target_norms", "target_shift_norms"):
+            for name in ("target_norms", "target_shift_norms", "hidden_norms"):
                 if telemetry.get(name):
                     line[name[:-1]] = telemetry[name][position]
             if telemetry.get("layers"):

@@ -3,7 +3,7 @@
 `BatchTelemetry` (recorded with every batch, `BatchRecord.telemetry`, and written into the edit log): per edited
 matrix `‖ΔW‖_F`, `‖W‖_F` against the original `‖W₀‖_F` (norm growth is what precedes the collapse of long edit
 sequences), the condition number of the layer's solve and the null-space room left; per request the target norms
-`‖z‖` and `‖z − h‖`. `EditingArguments.collapse_guard` refuses a batch after which a matrix's norm grew past a bound.
+`‖z‖`, `‖z − h‖` and the hidden state's `‖h‖` (the clamp bounds `‖z − h‖ / ‖h‖` by `clamp_norm_factor`). `EditingArguments.collapse_guard` refuses a batch after which a matrix's norm grew past a bound.
 
 `null_space_room`: how much of each edited layer's null space the applied edits already span. AlphaEdit writes
 every update into the null space `Û` `[d_k, r]` of the preserved keys, and the previous edits' keys take part in
@@ -90,16 +90,18 @@ class BatchTelemetry:
     layers: list[LayerTelemetry] = field(default_factory=list)
     target_norms: list[float] = field(default_factory=list)  # ‖z‖ per request
     target_shift_norms: list[float] = field(default_factory=list)  # ‖z − h‖ per request
+    hidden_norms: list[float] = field(default_factory=list)  # ‖h‖ per request (the hidden state z starts from)
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": [{**asdict(layer), "weight_growth": layer.weight_growth} for layer in self.layers],
-                "target_norms": self.target_norms, "target_shift_norms": self.target_shift_norms}
+                "target_norms": self.target_norms, "target_shift_norms": self.target_shift_norms,
+                "hidden_norms": self.hidden_norms}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> BatchTelemetry:
         fields = LayerTelemetry.__dataclass_fields__
         return cls([LayerTelemetry(**{k: v for k, v in layer.items() if k in fields}) for layer in values["layers"]],
-                   list(values.get("target_norms", [])), list(values.get("target_shift_norms", [])))
+                   *(list(values.get(name, [])) for name in ("target_norms", "target_shift_norms", "hidden_norms")))
 
     @property
     def max_weight_growth(self) -> float:

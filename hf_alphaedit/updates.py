@@ -47,8 +47,9 @@ class LayerUpdate:
 class BatchUpdate:
     """Everything a method did to one batch: per-matrix factors, target optimisation results, timings.
 
-    The optional diagnostics feed the collapse telemetry (`telemetry.BatchTelemetry`): `target_norms` `‖z‖` and
-    `target_shift_norms` `‖z − h‖` per request (methods that optimise targets), `solve_conditions` the 2-norm
+    The optional diagnostics feed the collapse telemetry (`telemetry.BatchTelemetry`): `target_norms` `‖z‖`,
+    `target_shift_norms` `‖z − h‖` and `hidden_norms` `‖h‖` per request (methods that optimise targets; the clamp
+    bounds `‖z − h‖ / ‖h‖` by `clamp_norm_factor`), `solve_conditions` the 2-norm
     condition number of each layer's linear system (methods that solve one). `method_state` holds the tensors
     `commit` needs besides the factors (e.g. a running normaliser's inputs); it is recorded and saved with the batch,
     so an undo or a resumed run rebuilds the method's sequential state from it.
@@ -63,3 +64,4 @@ class BatchUpdate:
     target_shift_norms: list[float] = field(default_factory=list)
     solve_conditions: dict[int, float] = field(default_factory=dict)
     method_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden_norms: list[float] = field(default_factory=list)

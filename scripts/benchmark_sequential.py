@@ -30,9 +30,10 @@ weights, records and their hash, edit history, when it was measured, metric fami
 Writes into the output folder: `base/edits_0000.json`, `<method>/edits_NNNN.json` (one atomic file per evaluation;
 existing ones are skipped on a rerun, and `<method>/resume/` holds a `hf_alphaedit.checkpointing` checkpoint after
 the last finished batch, so a run continues there), `results.json`, `results.md` and `metrics_vs_edits.png`,
-`comparison.png`, `general.png`, and per method `<method>/telemetry.json` (every batch's collapse telemetry:
-`‖W‖/‖W₀‖`, `‖ΔW‖`, the condition number of each solve, the null-space room left, the target norms) plotted in
-`telemetry.png`.
+`comparison.png`, `general.png`, `trade_off.png` (efficacy and generalization against specificity and the general
+suite, one point per method or variant with its seconds per edit: the calibration curve), and per method
+`<method>/telemetry.json` (every batch's collapse telemetry: `‖W‖/‖W₀‖`, `‖ΔW‖`, the condition number of each
+solve, the null-space room left, the target norms) plotted in `telemetry.png`.
 
 `--single_edits N` also edits each of the first N records alone into the unedited model (edit, evaluate that
 record, revert), per method, so the collapse of sequential editing shows against what one edit achieves; written to
@@ -353,7 +354,7 @@ def markdown_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespa
         general_cell = f"{general:.3f}" if general is not None else "–"
         seconds = result.get("edit_seconds")
         return (f"| {label} | {result['num_edits']} | " + " | ".join(cells) + f" | {general_cell} | "
-                + (f"{seconds:.0f} s |" if seconds else "– |"))
+                + (f"{seconds:.0f} s ({seconds / result['num_edits']:.2f} s/edit) |" if seconds else "– |"))
 
     if base:
         lines.append(row("unedited", base))
@@ -433,6 +434,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> Non
     figure.savefig(args.output_dir / "comparison.png", dpi=120)
     plt.close(figure)
 
+    plot_trade_off(finals, teacher, args)
     plot_telemetry(args)
     if not (base and "general" in base):
         return
@@ -452,10 +454,43 @@ def plot(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> Non
     plt.close(figure)
 
 
+def plot_trade_off(finals: list[tuple[str, dict[str, Any]]], teacher: list[str], args: argparse.Namespace) -> None:
+    """`trade_off.png`, the calibration curve: efficacy and generalization (teacher-forced) after the last batch
+    against specificity and against the general suite's mean F1, one point per method or variant, labelled with its
+    seconds per edit; the unedited model's values as grey lines."""
+    import matplotlib.pyplot as plt
+
+    efficacy, generalization, specificity = teacher
+    panels = [(specificity, "specificity (percent)", lambda r: r["edit_metrics"][specificity])]
+    if all("general" in r for _, r in finals):
+        panels.append(("general", "general suite, mean weighted F1", lambda r: r["general"]["average"]["f1"]))
+    figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.0), squeeze=False)
+    for axis, (_, xlabel, x_of) in zip(axes[0], panels, strict=True):
+        for name, result in finals:
+            x = x_of(result)
+            if name == "unedited":
+                axis.axvline(x, color="grey", linestyle="--", linewidth=1)
+                continue
+            axis.plot([x, x], [result["edit_metrics"][generalization], result["edit_metrics"][efficacy]],
+                      color="lightgrey", linewidth=1, zorder=1)
+            axis.scatter(x, result["edit_metrics"][efficacy], marker="o", color="C0", zorder=2)
+            axis.scatter(x, result["edit_metrics"][generalization], marker="^", color="C1", zorder=2)
+            seconds = result.get("edit_seconds")
+            axis.annotate(name + (f"\n{seconds / result['num_edits']:.2f} s/edit" if seconds else ""),
+                          (x, result["edit_metrics"][efficacy]), textcoords="offset points", xytext=(4, 4),
+                          fontsize="x-small")
+        axis.set(xlabel=xlabel + " (grey: unedited)", ylabel="percent (o efficacy, ^ generalization)")
+    figure.suptitle(f"trade-off after {args.num_edits} edits (batches of {args.batch_size})", fontsize="medium")
+    figure.tight_layout()
+    figure.savefig(args.output_dir / "trade_off.png", dpi=120)
+    plt.close(figure)
+
+
 def plot_telemetry(args: argparse.Namespace) -> None:
     """`telemetry.png`: per method against the number of edits, the largest `‖W‖/‖W₀‖` and the mean `‖ΔW‖` of the
     edited matrices, the largest condition number of a solve, the smallest null-space room left and the mean
-    target shift `‖z − h‖` (batches recorded before the telemetry existed have none and are left out)."""
+    relative target shift `‖z − h‖ / ‖h‖`, which the clamp bounds by `clamp_norm_factor` (batches recorded before
+    the telemetry existed have none and are left out)."""
     import matplotlib.pyplot as plt
 
     panels = [("largest ‖W‖/‖W₀‖", lambda t: max(layer["weight_growth"] for layer in t["layers"]), "linear"),
@@ -467,8 +502,9 @@ def plot_telemetry(args: argparse.Namespace) -> None:
               ("smallest null-space room left", lambda t: min(
                   (layer["null_space_left"] for layer in t["layers"] if layer["null_space_left"] is not None),
                   default=None), "linear"),
-              ("mean target shift ‖z − h‖", lambda t: sum(t["target_shift_norms"]) / len(t["target_shift_norms"])
-               if t.get("target_shift_norms") else None, "linear")]
+              ("mean target shift ‖z − h‖ / ‖h‖", lambda t: sum(
+                  shift / hidden for shift, hidden in zip(t["target_shift_norms"], t["hidden_norms"], strict=True))
+               / len(t["hidden_norms"]) if t.get("hidden_norms") else None, "linear")]
     series = {}
     for method in args.methods:
         path = telemetry_path(args.output_dir, method)
@@ -572,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         figures = Path(args.figures_dir)
         figures.mkdir(parents=True, exist_ok=True)
         for name in ("results.md", "results.json", "metrics_vs_edits.png", "comparison.png", "general.png",
-                     "telemetry.png"):
+                     "trade_off.png", "telemetry.png"):
             if (args.output_dir / name).exists():
                 shutil.copy2(args.output_dir / name, figures / name)
     print(table)

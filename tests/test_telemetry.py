@@ -141,14 +141,19 @@ def test_batch_telemetry_measures_the_weights_the_solve_and_the_targets(corpus, 
         assert entry.condition_number == pytest.approx(float(torch.linalg.cond(system)), rel=1e-3)
         assert entry.condition_number <= float(torch.linalg.cond(system)) * (1 + 1e-9)  # a lower bound
     assert [e.layer for e in report.telemetry.layers] == LAYERS
-    # Target norms: ‖z‖ and ‖z − h‖ per request, positive (the targets moved).
-    assert len(report.telemetry.target_norms) == len(report.telemetry.target_shift_norms) == len(REQUESTS)
-    assert all(shift > 0 for shift in report.telemetry.target_shift_norms)
+    # Target norms: ‖z‖, ‖z − h‖ and ‖h‖ per request; the targets moved, at most as far as the clamp lets them.
+    telemetry = report.telemetry
+    assert len(telemetry.target_norms) == len(telemetry.target_shift_norms) == len(telemetry.hidden_norms) == 2
+    assert all(shift > 0 for shift in telemetry.target_shift_norms)
+    for z, shift, h in zip(telemetry.target_norms, telemetry.target_shift_norms, telemetry.hidden_norms, strict=True):
+        assert shift <= model.hparams.clamp_norm_factor * h * (1 + 1e-5)
+        assert abs(h - shift) <= z * (1 + 1e-5) <= (h + shift) * (1 + 1e-5)  # z = h + δ: the triangle inequality
     # The telemetry is saved with the edit state and written into the edit log.
     model.state.save(tmp_path / "state")
     assert EditState.load(tmp_path / "state").batches[0].telemetry == record.telemetry
     lines = [line for line in edit_log(model) if line["event"] == "edit"]
     assert [line["target_norm"] for line in lines] == report.telemetry.target_norms
+    assert [line["hidden_norm"] for line in lines] == report.telemetry.hidden_norms
     assert lines[0]["telemetry"] == record.telemetry["layers"]
 
 

@@ -95,11 +95,12 @@ class LocateThenEditMethod:
 
     def batch_update(self, updates: list[LayerUpdate], targets: TargetResult,
                      timings: dict[str, float]) -> BatchUpdate:
-        """The batch as the engine records it, with the telemetry's target norms `‖z‖`, `‖z − h‖` and the
+        """The batch as the engine records it, with the telemetry's target norms `‖z‖`, `‖z − h‖`, `‖h‖` and the
         condition numbers of the solves."""
         shifts = (targets.values - targets.initial_hidden).norm(dim=1)
         return BatchUpdate(updates, targets.losses, targets.steps, targets.target_probabilities, timings,
-                           targets.values.norm(dim=1).tolist(), shifts.tolist(), dict(self.solve_conditions))
+                           targets.values.norm(dim=1).tolist(), shifts.tolist(), dict(self.solve_conditions),
+                           hidden_norms=targets.initial_hidden.norm(dim=1).tolist())
 
     def optimize_targets(self, requests: Sequence[EditRequest]) -> TargetResult:
         """The batch's targets `z` (§3) on the model as it is now, rescaled by `context.rescale_targets` if set."""
