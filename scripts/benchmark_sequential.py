@@ -464,8 +464,9 @@ def plot_trade_off(finals: list[tuple[str, dict[str, Any]]], teacher: list[str],
     panels = [(specificity, "specificity (percent)", lambda r: r["edit_metrics"][specificity])]
     if all("general" in r for _, r in finals):
         panels.append(("general", "general suite, mean weighted F1", lambda r: r["general"]["average"]["f1"]))
-    figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.0), squeeze=False)
+    figure, axes = plt.subplots(1, len(panels), figsize=(9.0 * len(panels), 5.0), squeeze=False)
     for axis, (_, xlabel, x_of) in zip(axes[0], panels, strict=True):
+        labels_at: dict[tuple[float, float], int] = {}  # settings that land on one point get stacked labels
         for name, result in finals:
             x = x_of(result)
             if name == "unedited":
@@ -476,9 +477,11 @@ def plot_trade_off(finals: list[tuple[str, dict[str, Any]]], teacher: list[str],
             axis.scatter(x, result["edit_metrics"][efficacy], marker="o", color="C0", zorder=2)
             axis.scatter(x, result["edit_metrics"][generalization], marker="^", color="C1", zorder=2)
             seconds = result.get("edit_seconds")
-            axis.annotate(name + (f"\n{seconds / result['num_edits']:.2f} s/edit" if seconds else ""),
-                          (x, result["edit_metrics"][efficacy]), textcoords="offset points", xytext=(4, 4),
-                          fontsize="x-small")
+            point = (x, result["edit_metrics"][efficacy])
+            stacked = labels_at[point] = labels_at.get(point, -1) + 1
+            axis.annotate(name + (f" ({seconds / result['num_edits']:.2f} s/edit)" if seconds else ""), point,
+                          textcoords="offset points", xytext=(6, -4 - 11 * stacked), fontsize="x-small")
+        axis.margins(x=0.6)  # room for the labels right of the points
         axis.set(xlabel=xlabel + " (grey: unedited)", ylabel="percent (o efficacy, ^ generalization)")
     figure.suptitle(f"trade-off after {args.num_edits} edits (batches of {args.batch_size})", fontsize="medium")
     figure.tight_layout()
