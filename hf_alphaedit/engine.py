@@ -379,7 +379,8 @@ class EditEngine:
         applied had edits: once they are all spanned, an edit there can only overwrite what earlier edits wrote, so
         the efficacy of earlier edits decays."""
         for layer in telemetry.layers:
-            if layer.null_space_left is None or layer.null_space_left >= batch_edits or layer.layer in self._room_warned:
+            left = layer.null_space_left
+            if left is None or left >= batch_edits or layer.layer in self._room_warned:
                 continue
             self._room_warned.add(layer.layer)
             logger.warning(
@@ -387,7 +388,7 @@ class EditEngine:
                 "an edit at this layer overwrites what earlier edits wrote there and their efficacy decays. Spread "
                 "the edits over more layers (EditingArguments.layers) or loosen the projector (a higher "
                 "nullspace_threshold, or nullspace_threshold_mode='energy'), which protects less of what the model "
-                "knew.", layer.layer, layer.null_space_left, self.state.num_edits, batch_edits)
+                "knew.", layer.layer, left, self.state.num_edits, batch_edits)
 
     @contextlib.contextmanager
     def editing_mode(self) -> Iterator[None]:

@@ -3,7 +3,8 @@
 `BatchTelemetry` (recorded with every batch, `BatchRecord.telemetry`, and written into the edit log): per edited
 matrix `‖ΔW‖_F`, `‖W‖_F` against the original `‖W₀‖_F` (norm growth is what precedes the collapse of long edit
 sequences), the condition number of the layer's solve and the null-space room left; per request the target norms
-`‖z‖`, `‖z − h‖` and the hidden state's `‖h‖` (the clamp bounds `‖z − h‖ / ‖h‖` by `clamp_norm_factor`). `EditingArguments.collapse_guard` refuses a batch after which a matrix's norm grew past a bound.
+`‖z‖`, `‖z − h‖` and the hidden state's `‖h‖` (the clamp bounds `‖z − h‖ / ‖h‖` by `clamp_norm_factor`).
+`EditingArguments.collapse_guard` refuses a batch after which a matrix's norm grew past a bound.
 
 `null_space_room`: how much of each edited layer's null space the applied edits already span. AlphaEdit writes
 every update into the null space `Û` `[d_k, r]` of the preserved keys, and the previous edits' keys take part in
