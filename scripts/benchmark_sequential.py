@@ -461,11 +461,11 @@ def plot_trade_off(finals: list[tuple[str, dict[str, Any]]], teacher: list[str],
     import matplotlib.pyplot as plt
 
     efficacy, generalization, specificity = teacher
-    panels = [(specificity, "specificity (percent)", lambda r: r["edit_metrics"][specificity])]
+    panels = [("specificity (percent)", lambda r: r["edit_metrics"][specificity])]
     if all("general" in r for _, r in finals):
-        panels.append(("general", "general suite, mean weighted F1", lambda r: r["general"]["average"]["f1"]))
+        panels.append(("general suite, mean weighted F1", lambda r: r["general"]["average"]["f1"]))
     figure, axes = plt.subplots(1, len(panels), figsize=(9.0 * len(panels), 5.0), squeeze=False)
-    for axis, (_, xlabel, x_of) in zip(axes[0], panels, strict=True):
+    for axis, (xlabel, x_of) in zip(axes[0], panels, strict=True):
         labels_at: dict[tuple[float, float], int] = {}  # settings that land on one point get stacked labels
         for name, result in finals:
             x = x_of(result)

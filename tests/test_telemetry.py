@@ -143,7 +143,7 @@ def test_batch_telemetry_measures_the_weights_the_solve_and_the_targets(corpus, 
     assert [e.layer for e in report.telemetry.layers] == LAYERS
     # Target norms: ‖z‖, ‖z − h‖ and ‖h‖ per request; the targets moved, at most as far as the clamp lets them.
     telemetry = report.telemetry
-    assert len(telemetry.target_norms) == len(telemetry.target_shift_norms) == len(telemetry.hidden_norms) == 2
+    assert len(telemetry.target_norms) == len(telemetry.target_shift_norms) == len(telemetry.hidden_norms) == len(REQUESTS)
     assert all(shift > 0 for shift in telemetry.target_shift_norms)
     for z, shift, h in zip(telemetry.target_norms, telemetry.target_shift_norms, telemetry.hidden_norms, strict=True):
         assert shift <= model.hparams.clamp_norm_factor * h * (1 + 1e-5)
