@@ -60,9 +60,10 @@ def load_corpus_texts(corpus: str, num_samples: int, *, seed: int = 1, text_fiel
 def corpus_fingerprint(corpus: str) -> str:
     """A stable id of a corpus, for cache keys.
 
-    For a local corpus: its resolved path and a hash of the relative path, size and modification
-    time of every file read from it, so that editing, adding or removing a file changes the id. For a
-    Hub dataset: its name (with the config).
+    For a local corpus: a hash of the relative path and the bytes of every file read from it, so that editing,
+    adding or removing a file changes the id, while a copy of the same files elsewhere, or the same files with new
+    modification times (a fresh checkout, a re-synced data folder), keeps it and reuses cached statistics. For a Hub
+    dataset: its name (with the config).
     """
     source = _resolve(corpus)
     if not isinstance(source, list):
@@ -71,10 +72,13 @@ def corpus_fingerprint(corpus: str) -> str:
     root = Path(corpus).expanduser().resolve()
     digest = hashlib.sha256()
     for path in source:
-        stat = path.stat()
         relative = path.relative_to(root).as_posix() if root.is_dir() else path.name
-        digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return f"{root}@{digest.hexdigest()[:16]}"
+        content = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                content.update(block)
+        digest.update(f"{relative}\0{content.hexdigest()}\n".encode())
+    return f"sha256:{digest.hexdigest()[:16]}"
 
 
 def _resolve(corpus: str) -> list[Path] | tuple[str, str | None]:

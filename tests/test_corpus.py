@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import datasets
@@ -214,25 +215,36 @@ def test_num_samples_below_one_raises(wikitext: Path, num_samples: int) -> None:
 # --- fingerprint --------------------------------------------------------------------------------------------
 
 
-def test_fingerprint_of_local_corpus_tracks_its_files(mixed_corpus: Path) -> None:
+def test_fingerprint_of_local_corpus_tracks_its_contents(mixed_corpus: Path, tmp_path: Path) -> None:
     before = corpus_fingerprint(str(mixed_corpus))
     assert before == corpus_fingerprint(str(mixed_corpus))
-    assert before.startswith(str(mixed_corpus.resolve()))
+    assert before.startswith("sha256:")
 
+    # A copy elsewhere, with new modification times (a fresh checkout or a re-synced data folder), is the same
+    # corpus: its cached statistics stay valid.
+    copy = shutil.copytree(mixed_corpus, tmp_path / "elsewhere", copy_function=shutil.copyfile)
+    assert corpus_fingerprint(str(copy)) == before
     text_file = mixed_corpus / "a.txt"
-    text_file.write_text(text_file.read_text(encoding="utf-8") + "third line\n", encoding="utf-8")
+    stat = text_file.stat()
+    os.utime(text_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert corpus_fingerprint(str(mixed_corpus)) == before
+
+    # Same size, one byte changed.
+    original = text_file.read_bytes()
+    text_file.write_bytes(original[:-2] + bytes([original[-2] ^ 1]) + original[-1:])
     edited = corpus_fingerprint(str(mixed_corpus))
     assert edited != before
 
-    # Same size, new modification time.
-    stat = text_file.stat()
-    os.utime(text_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    touched = corpus_fingerprint(str(mixed_corpus))
-    assert touched != edited
+    # The same bytes under another name are another corpus layout.
+    text_file.write_bytes(original)
+    assert corpus_fingerprint(str(mixed_corpus)) == before
+    text_file.rename(mixed_corpus / "a2.txt")
+    renamed = corpus_fingerprint(str(mixed_corpus))
+    assert renamed != before
 
     (mixed_corpus / "sub" / "d.txt").write_text("new file\n", encoding="utf-8")
     added = corpus_fingerprint(str(mixed_corpus))
-    assert added != touched
+    assert added != renamed
 
     (mixed_corpus / "notes.md").write_text("ignored files do not count\n", encoding="utf-8")
     assert corpus_fingerprint(str(mixed_corpus)) == added
@@ -240,7 +252,7 @@ def test_fingerprint_of_local_corpus_tracks_its_files(mixed_corpus: Path) -> Non
 
 def test_fingerprint_of_single_file_and_hub_name(wikitext: Path) -> None:
     fingerprint = corpus_fingerprint(str(wikitext / "valid.txt"))
-    assert fingerprint.startswith(str((wikitext / "valid.txt").resolve()) + "@")
+    assert fingerprint.startswith("sha256:")
     assert corpus_fingerprint(str(wikitext)) != fingerprint
     assert corpus_fingerprint("wikimedia/wikipedia:20231101.en") == "wikimedia/wikipedia:20231101.en"
     assert corpus_fingerprint("wikitext") == "wikitext"

@@ -151,6 +151,21 @@ def test_statistics_of_different_weights_are_never_shared(tmp_path, corpus_file)
         assert torch.equal(loaded.key_statistics([1]).sums[1], expected.sums[1])
 
 
+def test_statistics_of_a_copied_corpus_are_read_from_the_cache(tmp_path, corpus_file):
+    """A data folder synced again (new modification times) or moved is the same corpus: its statistics, hours of
+    forward passes on a real model, are not collected again."""
+    cache = tmp_path / "stats"
+    first = _editor(corpus_file, cache).key_statistics([1])
+    copy = tmp_path / "synced" / corpus_file.name
+    copy.parent.mkdir()
+    copy.write_bytes(corpus_file.read_bytes())
+    again = _editor(copy, cache).key_statistics([1])
+    assert torch.equal(first.sums[1], again.sums[1]) and len(list(cache.glob("*.safetensors"))) == 1
+    copy.write_text(copy.read_text(encoding="utf-8") + "\nOne more line of text.", encoding="utf-8")
+    changed = _editor(copy, cache).key_statistics([1])
+    assert not torch.equal(changed.sums[1], first.sums[1]) and len(list(cache.glob("*.safetensors"))) == 2
+
+
 # -- 3. non-finite values never reach the weights or the cache ------------------------------------------------
 
 
