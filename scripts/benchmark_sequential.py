@@ -12,8 +12,9 @@ targets, `norm_anchor=True`, for the locate-then-edit methods alphaedit, memit a
 `alphaedit+prune`, `alphaedit+nas`. NAS's anchor comes from the first 100 records of the training file
 `../shared/data/counterfact/counterfact-train.json`, never from the evaluated records; it is computed once per model
 (one target optimisation per record, about 7 s each on 2 CPU cores) and cached next to the key statistics.
-`+field=value` sets any EditingArguments field for that run (`alphaedit+v_lr_rms_factor=0.5+clamp_norm_factor=0.5`,
-`memit+mom2_update_weight=2000`): calibration points, run on the training records with `--records`.
+`+field=value` sets any field of EditingArguments or of the method's config for that run
+(`alphaedit+v_lr_rms_factor=0.5+clamp_norm_factor=0.5`, `memit+mom2_update_weight=2000`, `ultraedit+lr=1e-4`):
+calibration points, run on the training records with `--records`.
 `--methods all` compares alphaedit, memit, memit+projection, memit+prune, alphaedit+prune, rome, ft+unconstrained
 and nse (and any other registered method; `mend` only with `--mend_editor`). `mend` needs a trained editor
 (`--mend_editor`, e.g. the folder `hf-alphaedit train-mend` wrote); `mend+projection` and `mend+prune` are its
@@ -90,17 +91,24 @@ VARIANT_OPTIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 def variant_arguments(name: str, mend_editor: str | None = None) -> tuple[dict[str, Any], MethodConfig | None]:
     """EditingArguments fields and method config of a method name with `+option` suffixes, e.g. 'memit+prune', or
-    `+field=value` settings of EditingArguments, e.g. 'alphaedit+v_lr_rms_factor=0.5' (calibration runs);
-    `mend_editor`: the trained editor the MEND variants use."""
+    `+field=value` settings of EditingArguments or of the method's config, e.g. 'alphaedit+v_lr_rms_factor=0.5' or
+    'ultraedit+lr=1e-4' (calibration runs); `mend_editor`: the trained editor the MEND variants use."""
     method, *options = name.split("+")
     settings = dict(option.split("=", 1) for option in options if "=" in option)
     options = [option for option in options if "=" not in option]
+    try:
+        config_cls = get_method_classes(method)[0]
+    except ValueError as error:
+        raise SystemExit(f"--methods: {name!r}: {error}") from None
+    config_settings = {field: value for field, value in settings.items()
+                       if field in config_cls.__dataclass_fields__ and field not in EditingArguments.__dataclass_fields__}
     unknown = [option for option in options if option not in VARIANT_OPTIONS]
-    unknown += [f"{field}=" for field in settings if field not in EditingArguments.__dataclass_fields__]
+    unknown += [f"{field}=" for field in settings
+                if field not in EditingArguments.__dataclass_fields__ and field not in config_settings]
     if unknown:
         raise SystemExit(f"--methods: {name!r} has unknown option(s) {unknown}; options are "
-                         f"{['+' + option for option in VARIANT_OPTIONS]} and +field=value for EditingArguments "
-                         "fields.")
+                         f"{['+' + option for option in VARIANT_OPTIONS]} and +field=value for the fields of "
+                         f"EditingArguments and {config_cls.__name__}.")
     fields: dict[str, Any] = {"method": method}
     if method == "mend":
         if not mend_editor:
@@ -111,10 +119,10 @@ def variant_arguments(name: str, mend_editor: str | None = None) -> tuple[dict[s
     for option in options:
         fields.update(VARIANT_OPTIONS[option][0])
         config_fields.update(VARIANT_OPTIONS[option][1])
-    fields.update(settings)
+    fields.update({field: value for field, value in settings.items() if field not in config_settings})
+    config_fields.update(config_settings)
     try:  # fail now, not after an hour of editing
         EditingArguments(**fields)
-        config_cls = get_method_classes(method)[0]
         config = config_cls(**config_fields) if config_fields else None
     except (ValueError, TypeError) as error:
         raise SystemExit(f"--methods: {name!r}: {error}") from None
