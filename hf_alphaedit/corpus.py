@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .fingerprint import file_sha256
+
 SUPPORTED_SUFFIXES = (".txt", ".json", ".jsonl")
 
 # 'name' or 'namespace/name', optionally ':config' (e.g. 'wikimedia/wikipedia:20231101.en').
@@ -73,11 +75,7 @@ def corpus_fingerprint(corpus: str) -> str:
     digest = hashlib.sha256()
     for path in source:
         relative = path.relative_to(root).as_posix() if root.is_dir() else path.name
-        content = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                content.update(block)
-        digest.update(f"{relative}\0{content.hexdigest()}\n".encode())
+        digest.update(f"{relative}\0{file_sha256(path)}\n".encode())
     return f"sha256:{digest.hexdigest()[:16]}"
 
 
