@@ -14,9 +14,9 @@ PACKAGE = ROOT / "hf_alphaedit"
 # Lowest first. A module may import modules of its own layer or of a lower one; imports inside a layer must not
 # form a circle. An entry names a module or a subpackage (which covers everything below it).
 LAYERS: list[list[str]] = [
-    ["_version", "errors", "fields", "updates", "requests", "corpus", "cards", "memory"],
+    ["_version", "errors", "fields", "updates", "requests", "cards", "memory"],
     ["architectures", "hparams", "registry", "hub", "forward", "distributed"],
-    ["fingerprint", "artifacts", "state", "telemetry"],
+    ["fingerprint", "corpus", "artifacts", "state", "telemetry"],
     ["statistics"],
     ["projection", "arguments"],
     ["methods", "metrics"],
