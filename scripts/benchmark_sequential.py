@@ -68,7 +68,7 @@ from hf_alphaedit.checkpointing import (
     run_identity,
     save_checkpoint,
 )
-from hf_alphaedit.evaluation import evaluate_edits, evaluate_general, load_edit_records
+from hf_alphaedit.evaluation import editor_protocol, evaluate_edits, evaluate_general, load_edit_records
 from hf_alphaedit.evaluation.scorer import encode_prompt, encode_target, inference
 from hf_alphaedit.forward import right_pad
 from hf_alphaedit.methods import MethodConfig, get_method_classes
@@ -232,7 +232,8 @@ def evaluate_checkpoint(model: AlphaEditModel, edited: int, args: argparse.Names
     if general and args.general_examples > 0:
         start = time.perf_counter()
         result["general"] = evaluate_general(model.model, model.tokenizer, args.general_dir,
-                                             num_examples=args.general_examples)
+                                             num_examples=args.general_examples,
+                                             protocol=editor_protocol(model.source, model.state))
         result["general_seconds"] = time.perf_counter() - start
     return result
 

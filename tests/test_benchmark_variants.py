@@ -1,14 +1,18 @@
-"""The `--methods` variants of `scripts/benchmark_sequential.py`: the calibration runs' settings reach the right
-dataclass, typed, and a typo stops the run before any editing."""
+"""`scripts/benchmark_sequential.py`: the `--methods` variants of the calibration runs reach the right dataclass,
+typed, and a typo stops the run before any editing; every protocol card of a checkpoint names the same model."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 from pathlib import Path
 
 import pytest
 
+from hf_alphaedit import AlphaEditModel, EditingArguments
+from hf_alphaedit.hub import ModelSource
 from hf_alphaedit.methods.ultraedit import UltraEditConfig
+from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_sequential.py"
 
@@ -40,3 +44,21 @@ def test_settings_go_to_editing_arguments_or_the_method_config(benchmark_script)
 def test_a_bad_variant_stops_before_editing_and_names_the_field(benchmark_script, name, message):
     with pytest.raises(SystemExit, match=message):
         benchmark_script.variant_arguments(name)
+
+
+def test_the_general_suites_card_names_the_model_as_the_edit_metrics_card_does(benchmark_script, shared_data,
+                                                                                tmp_path):
+    """The embedded SmolLM2 is loaded from a local folder (its config's `name_or_path`), which the general suite's
+    card used to name instead of the Hub model and its edit history."""
+    model = tiny_causal_lm("llama")
+    model.config._name_or_path = str(tmp_path / "local-copy")
+    source = ModelSource("tester/tiny-llama", None, "0" * 40, "hub")
+    editor = AlphaEditModel(model, tiny_tokenizer(), EditingArguments(disable_tqdm=True), source)
+    args = argparse.Namespace(records=str(shared_data / "counterfact" / "counterfact-edit.json"), live=False,
+                              general_examples=2, general_dir=str(shared_data / "general"))
+    result = benchmark_script.evaluate_checkpoint(editor, 2, args, general=True, protocol={})
+    edit_card, general_card = result["edit_metrics"]["protocol"], result["general"]["protocol"]
+    assert general_card["model"]["id"] == edit_card["model"]["id"] == "tester/tiny-llama"
+    assert general_card["model"]["revision"] == "0" * 40 and general_card["editing"] == edit_card["editing"]
+    assert general_card["model"]["weights_sha256"] == edit_card["model"]["weights_sha256"]
+    assert str(tmp_path) not in str(general_card)

@@ -100,6 +100,7 @@ def evaluate_general(
     *,
     reference_compat: bool = False,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    protocol: Mapping[str, Any] | None = None,
     show_progress: bool | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Zero-shot general-capability scores on `data_dir/<task>.json` for `tasks` (default: all of
@@ -107,7 +108,9 @@ def evaluate_general(
 
     Returns `{task: {"accuracy": %, "f1": weighted F1 (0–1, as the reference), "mcc": Matthews correlation,
     "invalid": ties, "total": examples, "seconds": s}}` plus `"average": {"accuracy", "f1"}` over the tasks and
-    `"protocol"`: the protocol card (`evaluation.protocol`: weight fingerprint, task files and their hashes, ...).
+    `"protocol"`: the protocol card (`evaluation.protocol`: weight fingerprint, task files and their hashes, ...),
+    with the caller's `protocol` fields merged in (e.g. `editor_protocol(...)`: the model's Hub id and edit history
+    instead of its config's `name_or_path`, which is a local folder for a model loaded from one).
     Prompts longer than the model's context are cut from the left. `reference_compat=True` reproduces the
     reference's RTE polarity bug ("True" scored as correct for not_entailment).
     """
@@ -151,5 +154,6 @@ def evaluate_general(
     results["average"] = {metric: sum(results[n][metric] for n in names) / len(names) for metric in ("accuracy", "f1")}
     dataset = {"source": Path(data_dir).name, "tasks": names, "records": [0, num_examples],
                "file_sha256": {name: file_sha256(Path(data_dir) / f"{name}.json") for name in names}}
-    results["protocol"] = protocol_card(model, dataset=dataset, metric_families={"log_likelihood_choice": names})
+    results["protocol"] = protocol_card(model, dataset=dataset, metric_families={"log_likelihood_choice": names},
+                                       extra=protocol)
     return results
