@@ -120,8 +120,7 @@ def edit_sequentially(editor: AlphaEditModel, requests: EditRequest | Mapping | 
     outcome = SequentialRun(EditResult(), len(batches))
     if resume is not None:
         checkpoint = load_checkpoint(resume)
-        _check_same_run(checkpoint.run, run, f"checkpoint {resume}")
-        restore_checkpoint(editor, checkpoint)
+        restore_checkpoint(editor, checkpoint, run)
         outcome.resumed_from, outcome.resumed_batches = resume, checkpoint.num_batches
         logger.info("resumed from %s: %d of %d batches already done", resume, checkpoint.num_batches, len(batches))
     if show_progress is None and args.disable_tqdm:
@@ -148,6 +147,8 @@ def run_identity(editor: AlphaEditModel, requests: Sequence[EditRequest]) -> dic
         "requests": {"count": len(requests), "sha256": records_sha256([r.to_dict() for r in requests])},
         "editing_args": {k: v for k, v in editor.editing_args.to_dict().items() if k not in _RUN_INDEPENDENT_ARGS},
         "method_config": config.to_dict() if config is not None else None,
+        # The values the unset arguments resolved to: a version with other defaults must not continue the run.
+        "hyperparameters": editor.hparams.to_dict(),
     }
     return json.loads(json.dumps(identity, default=str))  # as it reads back from run.json (tuples become lists)
 
@@ -196,6 +197,10 @@ def _differences(saved: Any, current: Any, where: str = "") -> list[str]:
 
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], what: str) -> None:
+    if "hyperparameters" not in saved:
+        logger.warning("%s was written before checkpoints recorded the resolved hyperparameters: the arguments match, "
+                       "but if a default of hf_alphaedit changed since, its later batches edit with the new one.", what)
+        current = {key: value for key, value in current.items() if key != "hyperparameters"}
     differences = _differences(saved, current)
     if differences:
         raise CheckpointError(f"{what} belongs to a different run ({'; '.join(differences[:5])}); resume with the "
@@ -271,8 +276,11 @@ def _legacy_key(key: str) -> tuple[str, str, str]:
     return f"layer:{layer}", "", kind
 
 
-def restore_checkpoint(editor: AlphaEditModel, checkpoint: Checkpoint) -> None:
-    """Put `editor` (freshly loaded, unedited) exactly in the state the checkpoint recorded."""
+def restore_checkpoint(editor: AlphaEditModel, checkpoint: Checkpoint, run: dict[str, Any] | None = None) -> None:
+    """Put `editor` (freshly loaded, unedited) exactly in the state the checkpoint recorded; with `run`
+    (`run_identity` of the run being continued), first refuse a checkpoint of another run."""
+    if run is not None:
+        _check_same_run(checkpoint.run, run, f"checkpoint {checkpoint.path}")
     state = checkpoint.state
     if editor.state.batches:
         raise CheckpointError("resume_from_checkpoint: the model already carries edits; resume onto the unedited "

@@ -252,7 +252,7 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
     run = run_identity(model, as_edit_requests(records, batch_size=args.batch_size))
     saved = latest_checkpoint(resume)
     if saved is not None:
-        restore_checkpoint(model, load_checkpoint(saved))
+        restore_checkpoint(model, load_checkpoint(saved), run)
         print(f"[{method}] resuming after {model.state.num_edits} edits")
     edit_seconds = sum(sum(b.timings.values()) for b in model.state.batches)
     for batch in range(len(model.state.batches) + 1, num_batches + 1):

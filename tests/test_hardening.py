@@ -3,6 +3,7 @@ local Hub emulator and real files."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -15,11 +16,25 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from hf_alphaedit import AlphaEditModel, EditingArguments, EditRequestError, NullSpaceProjector, publishing
+from hf_alphaedit import (
+    AlphaEditModel,
+    EditingArguments,
+    EditRequestError,
+    NullSpaceProjector,
+    hparams,
+    publishing,
+)
 from hf_alphaedit.artifacts import ARTIFACT_CONFIG, CorruptArtifactError, projector_path, statistics_path
+from hf_alphaedit.checkpointing import (
+    CheckpointError,
+    load_checkpoint,
+    restore_checkpoint,
+    run_identity,
+    save_checkpoint,
+)
 from hf_alphaedit.errors import NonFiniteError
 from hf_alphaedit.hub import ModelSource
-from hf_alphaedit.requests import load_records
+from hf_alphaedit.requests import as_edit_requests, load_records
 from tests.tiny_models import tiny_causal_lm_with_large_activations, tiny_tokenizer
 
 REQUESTS = [
@@ -365,6 +380,29 @@ def test_saving_again_keeps_the_users_files_and_refuses_to_replace_a_checkpoint(
     editor.save_edits(folder, format="lora", overwrite=True)
     assert not (folder / "model.safetensors").exists() and (folder / publishing.ADAPTER_WEIGHTS).exists()
     assert (folder / "my_notes.txt").read_text() == "keep me"
+
+
+def test_a_checkpoint_made_under_other_defaults_is_refused_and_an_older_one_resumes_with_a_warning(
+        tmp_path, corpus_file, monkeypatch, caplog):
+    """Unset arguments resolve to the version's defaults: equal arguments under a changed default (here AlphaEdit's
+    clamp) would otherwise continue a run with other settings than its first batches."""
+    editor = _editor(corpus_file, tmp_path / "stats")
+    requests = as_edit_requests(REQUESTS[:2], batch_size=1)
+    editor.edit(REQUESTS[:1])
+    (tmp_path / "run").mkdir()
+    saved = load_checkpoint(save_checkpoint(editor, tmp_path / "run", run_identity(editor, requests)))
+    reference = hparams.REFERENCE_FILES["llama3-8b"]
+    monkeypatch.setitem(hparams.REFERENCE_FILES, "llama3-8b", dataclasses.replace(reference, clamp_norm_factor=0.5))
+    newer = _editor(corpus_file, tmp_path / "stats")
+    assert newer.editing_args.to_dict() == editor.editing_args.to_dict()
+    with pytest.raises(CheckpointError, match=r"different run \(hyperparameters\.clamp_norm_factor: 0\.75 -> 0\.5\)"):
+        restore_checkpoint(newer, saved, run_identity(newer, requests))
+    assert not newer.state.batches and torch.equal(newer.model.model.layers[2].mlp.down_proj.weight,
+                                                   _model().model.layers[2].mlp.down_proj.weight)
+    older = dataclasses.replace(saved, run={k: v for k, v in saved.run.items() if k != "hyperparameters"})
+    with caplog.at_level(logging.WARNING, logger="hf_alphaedit.checkpointing"):
+        restore_checkpoint(newer, older, run_identity(newer, requests))
+    assert "before checkpoints recorded the resolved hyperparameters" in caplog.text and newer.state.num_edits == 1
 
 
 # -- 8, 9. threads and autograd contexts ---------------------------------------------------------------------------
