@@ -95,13 +95,16 @@ def resolve_hyperparameters(args: Any, spec: ModelSpec, method_cls: type,
     its `method_config`. `use_projection` is on for methods that solve in the null space (`projection =
     "inherent"`), else as `args.use_projection` says. Under `preset="reference"` a method class with its own
     reference files (ROME, NSE) overrides shared values through `reference_hyperparameters(file name) -> {field:
-    value}`.
+    value}`; under `preset="auto"` one with calibrated defaults of its own (AlphaEdit's clamp) through
+    `auto_hyperparameters(spec) -> {field: value}`.
     """
     ref_name = reference_file_name(spec)
     ref = REFERENCE_FILES[ref_name]
     reference = args.preset == "reference"
     method_reference = getattr(method_cls, "reference_hyperparameters", None)
     overrides = dict(method_reference(ref_name)) if reference and method_reference is not None else {}
+    method_auto = getattr(method_cls, "auto_hyperparameters", None)
+    auto_overrides = dict(method_auto(spec)) if not reference and method_auto is not None else {}
     if args.layers is not None:
         layers = tuple(args.layers)
     else:
@@ -124,7 +127,7 @@ def resolve_hyperparameters(args: Any, spec: ModelSpec, method_cls: type,
         value = getattr(args, name)
         if value is not None:
             return value
-        return overrides.get(name, getattr(ref, name)) if reference else auto_value
+        return overrides.get(name, getattr(ref, name)) if reference else auto_overrides.get(name, auto_value)
 
     return ResolvedHyperparameters(
         layers=layers,

@@ -536,6 +536,18 @@ def test_auto_preset_adapts_to_smollm2_depth():
     assert reference.layers == (4, 5, 6, 7, 8) and reference.v_lr == 0.1 and reference.v_num_grad_steps == 25
 
 
+@pytest.mark.parametrize(("method", "preset", "clamp", "expected"), [
+    ("alphaedit", "auto", None, 0.5),  # AlphaEdit's calibrated default
+    ("alphaedit", "reference", None, 0.75),
+    ("alphaedit", "auto", 0.75, 0.75),  # a set value always wins
+    ("memit", "auto", None, 0.75),  # the calibration was AlphaEdit's only
+    ("nse", "auto", None, 0.75),
+])
+def test_auto_clamp_is_alphaedits_calibrated_default_and_no_other_methods(method, preset, clamp, expected):
+    args = EditingArguments(method=method, preset=preset, clamp_norm_factor=clamp)
+    assert args.resolve(_spec("llama", 30)).clamp_norm_factor == expected
+
+
 def test_layers_beyond_the_model_are_refused():
     with pytest.raises(ValueError, match="only 30 layers"):
         EditingArguments(layers=[29, 30]).resolve(_spec("llama", 30))

@@ -21,7 +21,6 @@ from hf_alphaedit import (
     EditingArguments,
     EditRequestError,
     NullSpaceProjector,
-    hparams,
     publishing,
 )
 from hf_alphaedit.artifacts import ARTIFACT_CONFIG, CorruptArtifactError, projector_path, statistics_path
@@ -34,6 +33,7 @@ from hf_alphaedit.checkpointing import (
 )
 from hf_alphaedit.errors import NonFiniteError
 from hf_alphaedit.hub import ModelSource
+from hf_alphaedit.methods import AlphaEdit
 from hf_alphaedit.requests import as_edit_requests, load_records
 from tests.tiny_models import tiny_causal_lm_with_large_activations, tiny_tokenizer
 
@@ -391,11 +391,10 @@ def test_a_checkpoint_made_under_other_defaults_is_refused_and_an_older_one_resu
     editor.edit(REQUESTS[:1])
     (tmp_path / "run").mkdir()
     saved = load_checkpoint(save_checkpoint(editor, tmp_path / "run", run_identity(editor, requests)))
-    reference = hparams.REFERENCE_FILES["llama3-8b"]
-    monkeypatch.setitem(hparams.REFERENCE_FILES, "llama3-8b", dataclasses.replace(reference, clamp_norm_factor=0.5))
+    monkeypatch.setattr(AlphaEdit, "auto_hyperparameters", staticmethod(lambda spec: {"clamp_norm_factor": 0.3}))
     newer = _editor(corpus_file, tmp_path / "stats")
     assert newer.editing_args.to_dict() == editor.editing_args.to_dict()
-    with pytest.raises(CheckpointError, match=r"different run \(hyperparameters\.clamp_norm_factor: 0\.75 -> 0\.5\)"):
+    with pytest.raises(CheckpointError, match=r"different run \(hyperparameters\.clamp_norm_factor: 0\.5 -> 0\.3\)"):
         restore_checkpoint(newer, saved, run_identity(newer, requests))
     assert not newer.state.batches and torch.equal(newer.model.model.layers[2].mlp.down_proj.weight,
                                                    _model().model.layers[2].mlp.down_proj.weight)

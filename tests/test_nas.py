@@ -164,6 +164,7 @@ def test_an_edit_with_nas_pins_the_mlp_part_of_every_target_to_the_anchor(corpus
         return used[-1]
 
     with_nas.method.context.rescale_targets = recording
+    original = {layer: without.spec.weight(without.model, layer).detach().clone() for layer in LAYERS}
     with_nas.edit(requests, batch_size=3)
     without.edit(requests, batch_size=3)
     (targets,) = used
@@ -172,9 +173,12 @@ def test_an_edit_with_nas_pins_the_mlp_part_of_every_target_to_the_anchor(corpus
     assert anchor > 0
     torch.testing.assert_close(mlp_part.norm(dim=1), torch.full((3,), anchor, dtype=torch.float64), rtol=1e-5,
                                atol=0)
+    # The rescaled targets give another update: by 4% of it for AlphaEdit here, whose targets at clamp 0.5 all lie
+    # within 6% of the anchor; by 47% for MEMIT and NSE.
     for layer in LAYERS:
+        update = without.spec.weight(without.model, layer).detach() - original[layer]
         changed = (with_nas.spec.weight(with_nas.model, layer) - without.spec.weight(without.model, layer)).detach()
-        assert float(changed.abs().max()) > 1e-4
+        assert float(changed.norm()) > 0.01 * float(update.norm()) > 0
 
 
 def test_the_anchor_is_cached_on_disk_keyed_by_the_records(corpus_file, tmp_path, records_file, monkeypatch):

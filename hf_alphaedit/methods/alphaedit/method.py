@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from ...architectures import ModelSpec
 from ...projection import NullSpaceProjector
 from ...updates import BatchUpdate
 from ..base import EditContext
@@ -25,6 +26,13 @@ class AlphaEdit(LocateThenEditMethod):
     """
 
     projection = "inherent"
+
+    @staticmethod
+    def auto_hyperparameters(spec: ModelSpec) -> dict[str, float]:
+        """`preset="auto"`'s clamp, calibrated on CounterFact's training records (README, "Calibration"): the
+        reference's 0.75 lost 3.7 points of specificity after 300 sequential edits of SmolLM2 where 0.5 lost 0.7,
+        both clearing 95 efficacy and 80 generalization; the reference preset keeps 0.75."""
+        return {"clamp_norm_factor": 0.5}
 
     def __init__(self, context: EditContext, config: AlphaEditConfig | None = None,
                  projector: NullSpaceProjector | None = None) -> None:
