@@ -285,11 +285,14 @@ class EditingArguments:
             return cls.from_dict(json.load(handle))
 
     @classmethod
-    def from_published(cls, values: Mapping[str, Any]) -> EditingArguments:
+    def from_published(cls, values: Mapping[str, Any],
+                       hyperparameters: Mapping[str, Any] | None = None) -> EditingArguments:
         """The settings of published edits (an `editing_config.json` from a folder or Hub repo: untrusted), as
         settings for the loader's own run.
 
-        Only what determines the edits is kept. Settings that act outside the run (`SIDE_EFFECT_FIELDS`: pushes,
+        Only what determines the edits is kept, and a setting the publisher left unset takes the value their run
+        resolved it to (`hyperparameters`, the config's resolved hyperparameters), not this version's default:
+        editing continues as the published edits were made even where a default changed since. Settings that act outside the run (`SIDE_EFFECT_FIELDS`: pushes,
         Hub ids and tokens, output and cache folders) get this package's defaults, and data sources
         (`SOURCE_FIELDS`) that are not a Hub name get theirs too, so a publisher can neither make the loader push
         (with the loader's token) nor read or write files of the loader's choosing. Dropped settings are logged;
@@ -305,6 +308,10 @@ class EditingArguments:
                     dropped.append(name)
             else:
                 kept[name] = value
+        for name, value in (hyperparameters or {}).items():
+            if name in known and kept.get(name) is None and value is not None and name not in SIDE_EFFECT_FIELDS \
+                    and name not in SOURCE_FIELDS:
+                kept[name] = list(value) if name == "layers" else value
         if kept.get("norm_anchor") and "norm_anchor_records" not in kept:
             # NAS cannot run without the records, and the publisher's were a path on their machine.
             del kept["norm_anchor"]

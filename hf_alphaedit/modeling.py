@@ -80,7 +80,8 @@ class AlphaEditModel(nn.Module):
         if edits is None:
             return cls(model, tokenizer, editing_args, source, method_config)
         published = publishing.read_published_edits(edits, revision=edits_revision, token=kwargs.get("token"))
-        editor = cls(model, tokenizer, editing_args or EditingArguments.from_published(published.editing_args),
+        editor = cls(model, tokenizer,
+                     editing_args or EditingArguments.from_published(published.editing_args, published.hyperparameters),
                      source, method_config if method_config is not None else published.method_config())
         publishing.apply_published_edits(editor, published)
         return editor

@@ -555,6 +555,12 @@ class PublishedEdits:
         values = self.config.get("editing_args")
         return dict(values) if isinstance(values, Mapping) else {}
 
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """The hyperparameters the publisher's run resolved (empty for saves from before they were recorded)."""
+        values = self.config.get("hyperparameters")
+        return dict(values) if isinstance(values, Mapping) else {}
+
     def method_config(self) -> Any:
         """The saved method config as an instance of the method's registered config class (or None)."""
         config_cls, _ = get_method_classes(self.config["method"])

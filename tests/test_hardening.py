@@ -86,6 +86,7 @@ def test_published_settings_with_side_effects_never_reach_the_loader(tmp_path, c
                "statistics_cache_dir": str(tmp_path / "evil-cache"), "resume_from_checkpoint": str(tmp_path),
                "overwrite_output_dir": True, "statistics_corpus": "/etc/hostname", "projection": str(tmp_path)}
     config["editing_args"].update(hostile)
+    config["hyperparameters"].update(hostile)  # unset settings take the published resolved values, but never these
     (folder / publishing.EDITING_CONFIG).write_text(json.dumps(config))
     base = tmp_path / "base"
     _model().save_pretrained(base)
@@ -402,6 +403,26 @@ def test_a_checkpoint_made_under_other_defaults_is_refused_and_an_older_one_resu
     with caplog.at_level(logging.WARNING, logger="hf_alphaedit.checkpointing"):
         restore_checkpoint(newer, older, run_identity(newer, requests))
     assert "before checkpoints recorded the resolved hyperparameters" in caplog.text and newer.state.num_edits == 1
+
+
+def test_published_edits_continue_under_the_settings_they_were_made_with_not_todays_defaults(
+        tmp_path, corpus_file, monkeypatch):
+    """A setting the publisher left unset resolved to their version's default; loading their edits without
+    editing_args must not continue them under another one (AlphaEdit's clamp default changed once)."""
+    monkeypatch.setattr(AlphaEdit, "auto_hyperparameters", staticmethod(lambda spec: {"clamp_norm_factor": 0.3}))
+    editor = _editor(corpus_file, tmp_path / "stats")
+    editor.edit(REQUESTS[:1])
+    assert editor.editing_args.clamp_norm_factor is None and editor.hparams.clamp_norm_factor == 0.3
+    folder = editor.save_edits(tmp_path / "published", format="delta")
+    base = tmp_path / "base"
+    _model().save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    monkeypatch.undo()  # today's default: 0.5
+    loaded = AlphaEditModel.from_pretrained(str(base), edits=folder)
+    assert loaded.editing_args.clamp_norm_factor == 0.3 and loaded.hparams.clamp_norm_factor == 0.3
+    assert loaded.hparams.to_dict() == editor.hparams.to_dict()
+    chosen = AlphaEditModel.from_pretrained(str(base), edits=folder, editing_args=_args(corpus_file, tmp_path / "s"))
+    assert chosen.hparams.clamp_norm_factor == 0.5  # the loader's own arguments still decide when given
 
 
 # -- 8, 9. threads and autograd contexts ---------------------------------------------------------------------------
