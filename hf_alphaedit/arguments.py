@@ -292,11 +292,11 @@ class EditingArguments:
 
         Only what determines the edits is kept, and a setting the publisher left unset takes the value their run
         resolved it to (`hyperparameters`, the config's resolved hyperparameters), not this version's default:
-        editing continues as the published edits were made even where a default changed since. Settings that act outside the run (`SIDE_EFFECT_FIELDS`: pushes,
-        Hub ids and tokens, output and cache folders) get this package's defaults, and data sources
-        (`SOURCE_FIELDS`) that are not a Hub name get theirs too, so a publisher can neither make the loader push
-        (with the loader's token) nor read or write files of the loader's choosing. Dropped settings are logged;
-        fields this version does not know are ignored with a warning.
+        editing continues as the published edits were made even where a default changed since. Settings that act
+        outside the run (`SIDE_EFFECT_FIELDS`: pushes, Hub ids and tokens, output and cache folders) get this
+        package's defaults, and data sources (`SOURCE_FIELDS`) that are not a Hub name get theirs too, so a publisher
+        can neither make the loader push (with the loader's token) nor read or write files of the loader's choosing.
+        Dropped settings are logged; fields this version does not know are ignored with a warning.
         """
         known = {f.name: f for f in dataclasses.fields(cls)}
         kept, dropped = {}, []

@@ -90,7 +90,7 @@ class EditMethod(Protocol):
     that `prune=True` restrains them too.
 
     Optional static hooks read when hyperparameters are resolved (`hparams.resolve_hyperparameters`):
-    `default_layers(spec, locate_then_edit_layers, config)` (ROME, FT pick their own layers) and
+    `default_layers(spec, locate_then_edit_layers, config)` (ROME, FT pick their own layers),
     `reference_hyperparameters(reference_file) -> {field: value}` (ROME, NSE: their own reference files' values of
     shared settings under `preset="reference"`) and `auto_hyperparameters(spec) -> {field: value}` (AlphaEdit: its
     calibrated defaults of shared settings under `preset="auto"`).
