@@ -311,7 +311,7 @@ class EditingArguments:
         for name, value in (hyperparameters or {}).items():
             if name in known and kept.get(name) is None and value is not None and name not in SIDE_EFFECT_FIELDS \
                     and name not in SOURCE_FIELDS:
-                kept[name] = list(value) if name == "layers" else value
+                kept[name] = value
         if kept.get("norm_anchor") and "norm_anchor_records" not in kept:
             # NAS cannot run without the records, and the publisher's were a path on their machine.
             del kept["norm_anchor"]

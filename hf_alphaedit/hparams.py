@@ -101,10 +101,9 @@ def resolve_hyperparameters(args: Any, spec: ModelSpec, method_cls: type,
     ref_name = reference_file_name(spec)
     ref = REFERENCE_FILES[ref_name]
     reference = args.preset == "reference"
-    method_reference = getattr(method_cls, "reference_hyperparameters", None)
-    overrides = dict(method_reference(ref_name)) if reference and method_reference is not None else {}
-    method_auto = getattr(method_cls, "auto_hyperparameters", None)
-    auto_overrides = dict(method_auto(spec)) if not reference and method_auto is not None else {}
+    # The method's own values of shared settings under the preset: its reference files' or its calibrated ones.
+    hook = getattr(method_cls, "reference_hyperparameters" if reference else "auto_hyperparameters", None)
+    overrides = dict(hook(ref_name if reference else spec)) if hook is not None else {}
     if args.layers is not None:
         layers = tuple(args.layers)
     else:
@@ -127,7 +126,7 @@ def resolve_hyperparameters(args: Any, spec: ModelSpec, method_cls: type,
         value = getattr(args, name)
         if value is not None:
             return value
-        return overrides.get(name, getattr(ref, name)) if reference else auto_overrides.get(name, auto_value)
+        return overrides.get(name, getattr(ref, name) if reference else auto_value)
 
     return ResolvedHyperparameters(
         layers=layers,

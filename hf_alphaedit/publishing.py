@@ -552,13 +552,16 @@ class PublishedEdits:
     @property
     def editing_args(self) -> dict[str, Any]:
         """The publisher's settings as saved (turn them into the loader's with `EditingArguments.from_published`)."""
-        values = self.config.get("editing_args")
-        return dict(values) if isinstance(values, Mapping) else {}
+        return self._section("editing_args")
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
         """The hyperparameters the publisher's run resolved (empty for saves from before they were recorded)."""
-        values = self.config.get("hyperparameters")
+        return self._section("hyperparameters")
+
+    def _section(self, key: str) -> dict[str, Any]:
+        """A mapping of the config (empty when it is missing or, in a hostile file, not a mapping)."""
+        values = self.config.get(key)
         return dict(values) if isinstance(values, Mapping) else {}
 
     def method_config(self) -> Any:
