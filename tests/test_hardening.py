@@ -423,6 +423,11 @@ def test_published_edits_continue_under_the_settings_they_were_made_with_not_tod
     assert loaded.hparams.to_dict() == editor.hparams.to_dict()
     chosen = AlphaEditModel.from_pretrained(str(base), edits=folder, editing_args=_args(corpus_file, tmp_path / "s"))
     assert chosen.hparams.clamp_norm_factor == 0.5  # the loader's own arguments still decide when given
+    config = json.loads((folder / publishing.EDITING_CONFIG).read_text())
+    config["hyperparameters"]["clamp_norm_factor"] = "wide"  # a hostile or corrupt value fails loudly, by name
+    (folder / publishing.EDITING_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"EditingArguments\.clamp_norm_factor='wide': expected a float"):
+        AlphaEditModel.from_pretrained(str(base), edits=folder)
 
 
 # -- 8, 9. threads and autograd contexts ---------------------------------------------------------------------------
