@@ -43,7 +43,7 @@ PRUNE_RESTRAIN_AT = ("end", "every_batch")
 
 # Settings that act outside the run (pushes, tokens, folders and files of the machine that runs it, how much of its
 # memory a run takes). Published edits never carry them into the loader's run (`EditingArguments.from_published`).
-SIDE_EFFECT_FIELDS = ("output_dir", "save_steps", "resume_from_checkpoint", "overwrite_output_dir",
+SIDE_EFFECT_FIELDS = ("output_dir", "save_steps", "save_total_limit", "resume_from_checkpoint", "overwrite_output_dir",
                       "statistics_cache_dir", "push_projection_to_hub", "projection_hub_repo_id", "hub_private_repo",
                       "hub_token", "disable_tqdm", "target_memory_budget", "statistics_memory_budget")
 # Settings that name where data comes from: taken from published edits only when they name a Hub repo or data set
@@ -111,6 +111,11 @@ class EditingArguments:
     save_steps: int | None = setting(
         "Write a checkpoint of the sequential run into output_dir every this many batches (atomically: a run "
         "killed at any moment resumes from the last one). Default: no checkpoints.", default=None, low=1)
+    save_total_limit: int | None = setting(
+        "How many checkpoints output_dir keeps: after each new one the oldest beyond this number are deleted. "
+        "Default 1 (the latest only: a checkpoint holds every edited matrix); None (null in a config file; on the "
+        "command line a number above the run's batches) keeps them all, e.g. to evaluate a long run at several "
+        "points afterwards.", default=1, low=1)
     resume_from_checkpoint: str | None = setting(
         "Continue a sequential run from a checkpoint folder, or 'true' for the latest checkpoint in output_dir.",
         default=None)

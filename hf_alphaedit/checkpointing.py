@@ -11,8 +11,8 @@ every `save_steps` batches, writes a checkpoint into `output_dir`:
         edited_weights.safetensors  the edited matrices' weights (and float32 masters of low-precision weights)
 
 A checkpoint is written into a hidden staging folder and renamed into place, then `latest` is replaced (also by
-rename), then older checkpoints are renamed away and deleted; a process killed at any moment therefore leaves
-either the previous or the new checkpoint complete. Resuming loads the base model, builds the method on the
+rename), then the oldest checkpoints beyond `save_total_limit` (default 1: all older ones) are renamed away and
+deleted; a process killed at any moment therefore leaves either the previous or the new checkpoint complete. Resuming loads the base model, builds the method on the
 unedited weights (as the uninterrupted run did: statistics, NSE's and PRUNE's copies of the originals), then
 copies the saved weights in and rebuilds the method's sequential state (e.g. AlphaEdit's previous-edit Gram) by
 re-committing the saved batches in order. Saved weights rather than re-added factors, because only they are
@@ -56,8 +56,8 @@ CHECKPOINT_FORMAT_VERSION = 2  # 2: weights keyed by module name (1: by the laye
 _STAGING_PREFIX = ".tmp-"
 # Settings that do not change what a run computes: they may differ between a run and its resumption.
 _RUN_INDEPENDENT_ARGS = frozenset({
-    "output_dir", "save_steps", "resume_from_checkpoint", "overwrite_output_dir", "disable_tqdm", "hub_token",
-    "hub_private_repo", "push_projection_to_hub", "projection_hub_repo_id", "statistics_cache_dir"})
+    "output_dir", "save_steps", "save_total_limit", "resume_from_checkpoint", "overwrite_output_dir", "disable_tqdm",
+    "hub_token", "hub_private_repo", "push_projection_to_hub", "projection_hub_repo_id", "statistics_cache_dir"})
 
 
 class CheckpointError(ValueError):
@@ -130,7 +130,7 @@ def edit_sequentially(editor: AlphaEditModel, requests: EditRequest | Mapping | 
         for index in range(outcome.resumed_batches, len(batches)):
             outcome.result.batches.extend(editor.edit(batches[index], batch_size=len(batches[index])).batches)
             if args.save_steps and (index + 1) % args.save_steps == 0:
-                outcome.last_checkpoint = save_checkpoint(editor, output_dir, run)
+                outcome.last_checkpoint = save_checkpoint(editor, output_dir, run, keep=args.save_total_limit)
             bar.update(1)
     return outcome
 
@@ -174,7 +174,7 @@ def prepare_output_dir(output_dir: Path, run: dict[str, Any], *, resuming: bool,
             raise CheckpointError(f"output_dir {str(output_dir)!r} already holds a different run ("
                                   f"{'; '.join(differences[:5])}); choose another output_dir, or set "
                                   "overwrite_output_dir (--overwrite_output_dir) to replace it.")
-        done = [entry.name for entry in _checkpoint_dirs(output_dir)]
+        done = [entry.name for entry in checkpoint_folders(output_dir)]
         if (output_dir / FINAL_MODEL_DIR).exists():
             done.append(FINAL_MODEL_DIR)
         if done and not resuming:
@@ -210,8 +210,9 @@ def _check_same_run(saved: dict[str, Any], current: dict[str, Any], what: str) -
 # -- writing and reading checkpoints ------------------------------------------------------------------------------
 
 
-def save_checkpoint(editor: AlphaEditModel, output_dir: Path, run: dict[str, Any]) -> Path:
-    """Write `checkpoint-<batches done>` into `output_dir` atomically, point `latest` at it, drop older ones."""
+def save_checkpoint(editor: AlphaEditModel, output_dir: Path, run: dict[str, Any], *, keep: int | None = 1) -> Path:
+    """Write `checkpoint-<batches done>` into `output_dir` atomically, point `latest` at it, and delete the oldest
+    checkpoints beyond the newest `keep` (None keeps all)."""
     name = f"{CHECKPOINT_PREFIX}{len(editor.state.batches):06d}"
     staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=output_dir))
     target = output_dir / name
@@ -232,9 +233,10 @@ def save_checkpoint(editor: AlphaEditModel, output_dir: Path, run: dict[str, Any
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _atomic_write_text(output_dir / LATEST_FILE, name + "\n")
-    for older in _checkpoint_dirs(output_dir):
-        if older.name != name:
-            _discard(older)
+    if keep is not None:
+        older = [entry for entry in checkpoint_folders(output_dir) if entry.name != name]
+        for entry in older[: max(len(older) - keep + 1, 0)]:
+            _discard(entry)
     logger.info("checkpoint %s: %d batches, %d edits", target, len(editor.state.batches), editor.state.num_edits)
     return target
 
@@ -246,8 +248,14 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
         named = output_dir / pointer.read_text(encoding="utf-8").strip()
         if (named / CHECKPOINT_FILE).is_file():
             return named
-    candidates = _checkpoint_dirs(output_dir)
+    candidates = checkpoint_folders(output_dir)
     return candidates[-1] if candidates else None
+
+
+def checkpoint_folders(output_dir: Path) -> list[Path]:
+    """Checkpoint folders of `output_dir`, oldest first."""
+    found = [entry for entry in output_dir.iterdir() if _is_checkpoint_name(entry.name) and entry.is_dir()]
+    return sorted(found, key=lambda entry: int(entry.name.removeprefix(CHECKPOINT_PREFIX)))
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -324,12 +332,6 @@ def _checkpoint_to_resume(value: str | None, output_dir: Path | None) -> Path | 
 
 def _is_checkpoint_name(name: str) -> bool:
     return name.startswith(CHECKPOINT_PREFIX) and name.removeprefix(CHECKPOINT_PREFIX).isdigit()
-
-
-def _checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Checkpoint folders of `output_dir`, oldest first."""
-    found = [entry for entry in output_dir.iterdir() if _is_checkpoint_name(entry.name) and entry.is_dir()]
-    return sorted(found, key=lambda entry: int(entry.name.removeprefix(CHECKPOINT_PREFIX)))
 
 
 def _discard(path: Path) -> None:

@@ -31,6 +31,7 @@ from .checkpointing import (
     CHECKPOINT_FILE,
     FINAL_MODEL_DIR,
     RUN_FILE,
+    checkpoint_folders,
     edit_sequentially,
     latest_checkpoint,
 )
@@ -524,6 +525,7 @@ def describe_folder(folder: Path) -> dict[str, Any]:
                 "requests": run["requests"]["count"], "batch_size": run["editing_args"]["batch_size"],
                 "latest checkpoint": f"{checkpoint.name} ({done['num_edits']} edits, {done['num_batches']} batches)"
                 if done else None,
+                "kept checkpoints": ", ".join(entry.name for entry in checkpoint_folders(folder)) or None,
                 "edited model": str(folder / FINAL_MODEL_DIR) if (folder / FINAL_MODEL_DIR).is_dir() else None}
     if (folder / CHECKPOINT_FILE).is_file():
         done = _read_json(folder / CHECKPOINT_FILE)

@@ -30,7 +30,8 @@ the unedited model and after the last batch. Every result carries its protocol c
 weights, records and their hash, edit history, when it was measured, metric families, package version).
 Writes into the output folder: `base/edits_0000.json`, `<method>/edits_NNNN.json` (one atomic file per evaluation;
 existing ones are skipped on a rerun, and `<method>/resume/` holds a `hf_alphaedit.checkpointing` checkpoint after
-the last finished batch, so a run continues there), `results.json`, `results.md` and `metrics_vs_edits.png`,
+the last finished batch, so a run continues there; `--keep_checkpoints` keeps every batch's, to restore and evaluate
+any point of the run afterwards), `results.json`, `results.md` and `metrics_vs_edits.png`,
 `comparison.png`, `general.png`, `trade_off.png` (efficacy and generalization against specificity and the general
 suite, one point per method or variant with its seconds per edit: the calibration curve), and per method
 `<method>/telemetry.json` (every batch's collapse telemetry: `‖W‖/‖W₀‖`, `‖ΔW‖`, the condition number of each
@@ -147,6 +148,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--records", default=None, help="Records file (default: the --dataset file in ../shared).")
     parser.add_argument("--no_live", dest="live", action="store_false",
                         help="Skip the live-decoding metrics (greedy generation of every answer).")
+    parser.add_argument("--keep_checkpoints", action="store_true",
+                        help="Keep every batch's checkpoint in <method>/resume/ (default: the latest only).")
     parser.add_argument("--general_dir", default=str(DATA / "general"))
     parser.add_argument("--statistics_corpus", default=str(DATA / "wikitext-2" / "valid.txt"))
     parser.add_argument("--output_dir", default=None,
@@ -275,8 +278,8 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
         write_json(telemetry_path(args.output_dir, method), [
             {"batch": record.index, "num_edits": edits, **record.telemetry}
             for record, edits in zip(model.state.batches, edits_after, strict=True)])
-        if batch != num_batches:
-            save_checkpoint(model, resume, run)
+        if batch != num_batches or args.keep_checkpoints:
+            save_checkpoint(model, resume, run, keep=None if args.keep_checkpoints else 1)
 
 
 def load_method(method: str, args: argparse.Namespace, batch_size: int) -> AlphaEditModel:

@@ -223,6 +223,8 @@ def test_resume_ignores_interrupted_writes(setup, uninterrupted, tmp_path, capsy
 def test_info_export_evaluate_push_and_stats(setup, uninterrupted, tmp_path, capsys, unique_repo_id):
     status, out, _ = _run(["info", "--path", str(uninterrupted)], capsys)
     assert status == 0 and "edit run" in out and "checkpoint-000003 (3 edits, 3 batches)" in out
+    status, out, _ = _run(["info", "--path", str(uninterrupted), "--json"], capsys)
+    assert status == 0 and json.loads(out)["kept checkpoints"] == "checkpoint-000003"  # save_total_limit 1
     status, out, _ = _run(["info", "--path", str(uninterrupted / "edited_model"), "--json"], capsys)
     description = json.loads(out)
     assert (description["kind"], description["edits"], description["layers"]) == ("edited model", 3, [1, 2])

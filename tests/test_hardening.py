@@ -26,6 +26,9 @@ from hf_alphaedit import (
 from hf_alphaedit.artifacts import ARTIFACT_CONFIG, CorruptArtifactError, projector_path, statistics_path
 from hf_alphaedit.checkpointing import (
     CheckpointError,
+    checkpoint_folders,
+    edit_sequentially,
+    latest_checkpoint,
     load_checkpoint,
     restore_checkpoint,
     run_identity,
@@ -82,7 +85,7 @@ def test_published_settings_with_side_effects_never_reach_the_loader(tmp_path, c
     folder = editor.save_pretrained(tmp_path / "published")
     config = json.loads((folder / publishing.EDITING_CONFIG).read_text())
     hostile = {"push_projection_to_hub": True, "projection_hub_repo_id": "victim/model", "hub_token": "hf_stolen",
-               "hub_private_repo": False, "output_dir": str(tmp_path / "evil"), "save_steps": 1,
+               "hub_private_repo": False, "output_dir": str(tmp_path / "evil"), "save_steps": 1, "save_total_limit": None,
                "statistics_cache_dir": str(tmp_path / "evil-cache"), "resume_from_checkpoint": str(tmp_path),
                "overwrite_output_dir": True, "statistics_corpus": "/etc/hostname", "projection": str(tmp_path)}
     config["editing_args"].update(hostile)
@@ -403,6 +406,23 @@ def test_a_checkpoint_made_under_other_defaults_is_refused_and_an_older_one_resu
     with caplog.at_level(logging.WARNING, logger="hf_alphaedit.checkpointing"):
         restore_checkpoint(newer, older, run_identity(newer, requests))
     assert "before checkpoints recorded the resolved hyperparameters" in caplog.text and newer.state.num_edits == 1
+
+
+@pytest.mark.parametrize(("limit", "kept"), [(1, [3]), (2, [2, 3]), (None, [1, 2, 3])])
+def test_save_total_limit_keeps_the_newest_checkpoints_and_a_kept_older_one_resumes_to_the_same_weights(
+        tmp_path, corpus_file, limit, kept):
+    run = tmp_path / "run"
+    settings = {"batch_size": 1, "save_steps": 1, "save_total_limit": limit, "output_dir": str(run)}
+    editor = _editor(corpus_file, tmp_path / "stats", **settings)
+    edit_sequentially(editor, REQUESTS)
+    assert [entry.name for entry in checkpoint_folders(run)] == [f"checkpoint-{n:06d}" for n in kept]
+    assert latest_checkpoint(run).name == "checkpoint-000003"
+    resumed = _editor(corpus_file, tmp_path / "stats", **settings, resume_from_checkpoint=str(run / "checkpoint-"
+                                                                                              f"{kept[0]:06d}"))
+    outcome = edit_sequentially(resumed, REQUESTS)
+    assert outcome.resumed_batches == kept[0] and resumed.state.num_edits == len(REQUESTS)
+    final, again = editor.engine.edited_tensors()[0], resumed.engine.edited_tensors()[0]
+    assert final.keys() == again.keys() and all(torch.equal(final[name], again[name]) for name in final)
 
 
 def test_published_edits_continue_under_the_settings_they_were_made_with_not_todays_defaults(
