@@ -328,12 +328,16 @@ def general_tasks(result: dict[str, Any]) -> list[str]:
     return [t for t in result["general"] if t not in ("average", "protocol")]
 
 
-def protocol_summary(result: dict[str, Any]) -> str:
-    """One sentence from a result's protocol card."""
+def protocol_summary(result: dict[str, Any], base: dict[str, Any] | None) -> str:
+    """One sentence from the protocol card of a method's `result` that holds for every method of the table: the
+    weights named are the unedited model's (`base`, its result), each method's edited weights are in its JSON."""
     card = result["edit_metrics"]["protocol"]
     model, dataset, editing = card["model"], card["dataset"], card.get("editing") or {}
     sizes = sorted(set(editing.get("batch_sizes") or []))
-    return (f"Protocol card: {model['id']} ({model.get('origin')}, weights `{model['weights_sha256'][:12]}…`), "
+    weights = (f", unedited weights `{base['edit_metrics']['protocol']['model']['weights_sha256'][:12]}…`"
+               if base else "")
+    return (f"Protocol card: {model['id']} ({model.get('origin')}{weights}; each method's edited weights in its "
+            "result JSON), "
             f"records {dataset['records'][0]}–{dataset['records'][1]} of `{dataset['source']}` "
             f"(`{dataset.get('file_sha256', '')[:19]}…`) in file order, {editing.get('num_edits')} edits in "
             f"{editing.get('num_batches')} batch(es) of {', '.join(map(str, sizes))}, evaluated "
@@ -373,7 +377,7 @@ def markdown_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespa
     finals = [(method, r) for method in args.methods for r in runs[method] if r["num_edits"] == args.num_edits]
     lines += [row(method, result) for method, result in finals]
     if finals:
-        lines += ["", protocol_summary(finals[0][1])]
+        lines += ["", protocol_summary(finals[0][1], base)]
     singles = [(method, json.loads(path.read_text())) for method in args.methods
                for path in sorted((args.output_dir / method).glob("single_edits_*.json"))]
     if singles:

@@ -62,3 +62,19 @@ def test_the_general_suites_card_names_the_model_as_the_edit_metrics_card_does(b
     assert general_card["model"]["revision"] == "0" * 40 and general_card["editing"] == edit_card["editing"]
     assert general_card["model"]["weights_sha256"] == edit_card["model"]["weights_sha256"]
     assert str(tmp_path) not in str(general_card)
+
+
+def test_the_tables_protocol_sentence_names_the_unedited_weights_not_the_first_methods(benchmark_script):
+    """Every method's result card names its own edited weights; the one sentence under the table holds for all rows,
+    so it names the weights they were all edited from."""
+    def result(weights: str) -> dict:
+        card = {"model": {"id": "tester/tiny-llama", "origin": "hub", "weights_sha256": weights},
+                "dataset": {"records": [0, 2], "source": "counterfact-edit.json", "file_sha256": "f" * 64},
+                "editing": {"num_edits": 2, "num_batches": 1, "batch_sizes": [2]},
+                "schedule": {"timing": "after all batches"}, "metric_families": {"teacher_forced": ["efficacy"]},
+                "package_version": "0.1.0"}
+        return {"edit_metrics": {"protocol": card}}
+
+    sentence = benchmark_script.protocol_summary(result("b" * 64), result("a" * 64))
+    assert "unedited weights `aaaaaaaaaaaa…`" in sentence and "bbbb" not in sentence
+    assert "weights" not in benchmark_script.protocol_summary(result("b" * 64), None).split(";")[0]
