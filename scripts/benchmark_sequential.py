@@ -90,12 +90,19 @@ VARIANT_OPTIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "unconstrained": ({}, {"norm_constraint": None})}
 
 
+def _is_list_field(name: str) -> bool:
+    spec = EditingArguments.__dataclass_fields__.get(name)
+    return spec is not None and str(spec.type).startswith("list[")
+
+
 def variant_arguments(name: str, mend_editor: str | None = None) -> tuple[dict[str, Any], MethodConfig | None]:
     """EditingArguments fields and method config of a method name with `+option` suffixes, e.g. 'memit+prune', or
     `+field=value` settings of EditingArguments or of the method's config, e.g. 'alphaedit+v_lr_rms_factor=0.5' or
-    'ultraedit+lr=1e-4' (calibration runs); `mend_editor`: the trained editor the MEND variants use."""
+    'ultraedit+lr=1e-4' (calibration runs), lists comma-separated ('alphaedit+layers=2,4,6,8'); `mend_editor`: the
+    trained editor the MEND variants use."""
     method, *options = name.split("+")
     settings = dict(option.split("=", 1) for option in options if "=" in option)
+    settings = {field: value.split(",") if _is_list_field(field) else value for field, value in settings.items()}
     options = [option for option in options if "=" not in option]
     try:
         config_cls = get_method_classes(method)[0]

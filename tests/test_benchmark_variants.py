@@ -31,6 +31,9 @@ def test_settings_go_to_editing_arguments_or_the_method_config(benchmark_script)
     fields, config = benchmark_script.variant_arguments("ultraedit+lr=1e-4+chunk_size=20+seed=3")
     assert fields == {"method": "ultraedit", "seed": "3"}
     assert isinstance(config, UltraEditConfig) and config.lr == 1e-4 and config.chunk_size == 20
+    fields, _ = benchmark_script.variant_arguments("alphaedit+layers=2,3,4,5,6,7,8")  # more room (issue 17, lead 2)
+    assert fields == {"method": "alphaedit", "layers": ["2", "3", "4", "5", "6", "7", "8"]}
+    assert EditingArguments(**fields).layers == [2, 3, 4, 5, 6, 7, 8]
     fields, config = benchmark_script.variant_arguments("memit+prune+mom2_update_weight=2000")
     assert fields == {"method": "memit", "prune": True, "mom2_update_weight": "2000"} and config is None
 
