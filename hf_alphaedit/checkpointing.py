@@ -120,7 +120,7 @@ def edit_sequentially(editor: AlphaEditModel, requests: EditRequest | Mapping | 
     outcome = SequentialRun(EditResult(), len(batches))
     if resume is not None:
         checkpoint = load_checkpoint(resume)
-        restore_checkpoint(editor, checkpoint, run)
+        restore_checkpoint(editor, checkpoint, run, requests)
         outcome.resumed_from, outcome.resumed_batches = resume, checkpoint.num_batches
         logger.info("resumed from %s: %d of %d batches already done", resume, checkpoint.num_batches, len(batches))
     if show_progress is None and args.disable_tqdm:
@@ -196,7 +196,12 @@ def _differences(saved: Any, current: Any, where: str = "") -> list[str]:
     return [] if saved == current else [f"{where}: {saved!r} -> {current!r}"]
 
 
-def _check_same_run(saved: dict[str, Any], current: dict[str, Any], what: str) -> None:
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any], what: str, *, requests_checked: bool) -> None:
+    """Refuse `saved` (a checkpoint's run identity) unless it is `current`'s; `requests_checked`: the requests
+    are compared batch by batch (`_check_batches_lead`), so the runs' request digests may differ."""
+    if requests_checked:
+        saved, current = ({key: value for key, value in identity.items() if key != "requests"}
+                          for identity in (saved, current))
     if "hyperparameters" not in saved:
         logger.warning("%s was written before checkpoints recorded the resolved hyperparameters: the arguments match, "
                        "but if a default of hf_alphaedit changed since, its later batches edit with the new one.", what)
@@ -284,11 +289,20 @@ def _legacy_key(key: str) -> tuple[str, str, str]:
     return f"layer:{layer}", "", kind
 
 
-def restore_checkpoint(editor: AlphaEditModel, checkpoint: Checkpoint, run: dict[str, Any] | None = None) -> None:
+def restore_checkpoint(editor: AlphaEditModel, checkpoint: Checkpoint, run: dict[str, Any] | None = None,
+                       requests: Sequence[EditRequest] | None = None) -> None:
     """Put `editor` (freshly loaded, unedited) exactly in the state the checkpoint recorded; with `run`
-    (`run_identity` of the run being continued), first refuse a checkpoint of another run."""
+    (`run_identity` of the run being continued), first refuse a checkpoint of another run.
+
+    With the run's `requests` too, a checkpoint of a run with other requests after its batches is accepted when its
+    batches are exactly the first batches of `requests` (in `editing_args.batch_size`): later requests never change
+    an earlier batch, so continuing it ends where the uninterrupted run of `requests` would. That is how a lifelong
+    run is extended by more edits, or a longer run's checkpoint starts a shorter one.
+    """
     if run is not None:
-        _check_same_run(checkpoint.run, run, f"checkpoint {checkpoint.path}")
+        _check_same_run(checkpoint.run, run, f"checkpoint {checkpoint.path}", requests_checked=requests is not None)
+    if requests is not None:
+        _check_batches_lead(checkpoint, requests, editor.editing_args.batch_size)
     state = checkpoint.state
     if editor.state.batches:
         raise CheckpointError("resume_from_checkpoint: the model already carries edits; resume onto the unedited "
@@ -307,6 +321,20 @@ def restore_checkpoint(editor: AlphaEditModel, checkpoint: Checkpoint, run: dict
     with editor.engine.editing_mode():
         _ = editor.method  # built on the unedited weights, exactly as the uninterrupted run built it
     editor.engine.restore(weights, masters, state.batches)
+
+
+def _check_batches_lead(checkpoint: Checkpoint, requests: Sequence[EditRequest], batch_size: int) -> None:
+    """Refuse `checkpoint` unless its batches are the first batches of `requests` (batches of `batch_size`)."""
+    if checkpoint.num_batches * batch_size > len(requests) + batch_size - 1:
+        raise CheckpointError(f"checkpoint {checkpoint.path} holds {checkpoint.num_batches} batches, more than this "
+                              f"run's {len(requests)} requests make; resume a run at least that long.")
+    for index, batch in enumerate(checkpoint.state.batches):
+        expected = list(requests[index * batch_size: (index + 1) * batch_size])
+        if list(batch.requests) != expected:
+            raise CheckpointError(f"checkpoint {checkpoint.path} belongs to a different run: its batch {index} edited "
+                                  f"other requests than this run's batch {index} (requests "
+                                  f"{index * batch_size}-{(index + 1) * batch_size - 1}); a checkpoint continues "
+                                  "only a run whose first batches it holds, in the same order.")
 
 
 def _module_of(editor: AlphaEditModel, key: str) -> str:

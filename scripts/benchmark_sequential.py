@@ -31,7 +31,7 @@ weights, records and their hash, edit history, when it was measured, metric fami
 Writes into the output folder: `base/edits_0000.json`, `<method>/edits_NNNN.json` (one atomic file per evaluation;
 existing ones are skipped on a rerun, and `<method>/resume/` holds a `hf_alphaedit.checkpointing` checkpoint after
 the last finished batch, so a run continues there; `--keep_checkpoints` keeps every batch's, to restore and evaluate
-any point of the run afterwards), `results.json`, `results.md` and `metrics_vs_edits.png`,
+any point of the run afterwards; `--extend_from` continues a shorter run's checkpoint with more records), `results.json`, `results.md` and `metrics_vs_edits.png`,
 `comparison.png`, `general.png`, `trade_off.png` (efficacy and generalization against specificity and the general
 suite, one point per method or variant with its seconds per edit: the calibration curve), and per method
 `<method>/telemetry.json` (every batch's collapse telemetry: `‖W‖/‖W₀‖`, `‖ΔW‖`, the condition number of each
@@ -155,6 +155,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--records", default=None, help="Records file (default: the --dataset file in ../shared).")
     parser.add_argument("--no_live", dest="live", action="store_false",
                         help="Skip the live-decoding metrics (greedy generation of every answer).")
+    parser.add_argument("--extend_from", type=Path, default=None,
+                        help="Output folder of a shorter run on the same records: a method with no checkpoint of its "
+                             "own here starts from that run's latest checkpoint (its batches must be this run's first).")
     parser.add_argument("--keep_checkpoints", action="store_true",
                         help="Keep every batch's checkpoint in <method>/resume/ (default: the latest only).")
     parser.add_argument("--general_dir", default=str(DATA / "general"))
@@ -259,11 +262,14 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
     model = load_method(method, args, args.batch_size)
     resume = args.output_dir / method / "resume"
     resume.mkdir(parents=True, exist_ok=True)
-    run = run_identity(model, as_edit_requests(records, batch_size=args.batch_size))
+    requests = as_edit_requests(records, batch_size=args.batch_size)
+    run = run_identity(model, requests)
     saved = latest_checkpoint(resume)
+    if saved is None and args.extend_from is not None:
+        saved = latest_checkpoint(args.extend_from / method / "resume")
     if saved is not None:
-        restore_checkpoint(model, load_checkpoint(saved), run)
-        print(f"[{method}] resuming after {model.state.num_edits} edits")
+        restore_checkpoint(model, load_checkpoint(saved), run, requests)
+        print(f"[{method}] resuming after {model.state.num_edits} edits ({saved})")
     edit_seconds = sum(sum(b.timings.values()) for b in model.state.batches)
     for batch in range(len(model.state.batches) + 1, num_batches + 1):
         chunk = records[(batch - 1) * args.batch_size : batch * args.batch_size]

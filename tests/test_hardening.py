@@ -425,6 +425,35 @@ def test_save_total_limit_keeps_the_newest_checkpoints_and_a_kept_older_one_resu
     assert final.keys() == again.keys() and all(torch.equal(final[name], again[name]) for name in final)
 
 
+def test_a_shorter_runs_checkpoint_extends_to_the_longer_run_and_no_other(tmp_path, corpus_file):
+    """Lifelong editing goes on: a run of 2 edits continued with a third ends bitwise where the uninterrupted run of
+    3 does; a checkpoint whose batches are not this run's first, or more than it has, is refused before any edit."""
+    stats = tmp_path / "stats"
+    uninterrupted = _editor(corpus_file, stats, batch_size=1)
+    edit_sequentially(uninterrupted, REQUESTS)
+    edit_sequentially(_editor(corpus_file, stats, batch_size=1, save_steps=1, output_dir=str(tmp_path / "short")),
+                      REQUESTS[:2])
+    checkpoint = str(tmp_path / "short" / "checkpoint-000002")
+    extended = _editor(corpus_file, stats, batch_size=1, output_dir=str(tmp_path / "long"),
+                       resume_from_checkpoint=checkpoint)
+    assert edit_sequentially(extended, REQUESTS).resumed_batches == 2 and extended.state.num_edits == 3
+    final, again = uninterrupted.engine.edited_tensors()[0], extended.engine.edited_tensors()[0]
+    assert final.keys() == again.keys() and all(torch.equal(final[name], again[name]) for name in final)
+
+    for name, requests, message in [("reordered", [REQUESTS[1], REQUESTS[0], REQUESTS[2]], "its batch 0 edited other"),
+                                    ("shorter", REQUESTS[:1], "holds 2 batches, more than this run's 1 requests")]:
+        other = _editor(corpus_file, stats, batch_size=1, output_dir=str(tmp_path / name),
+                        resume_from_checkpoint=checkpoint)
+        with pytest.raises(CheckpointError, match=message):
+            edit_sequentially(other, requests)
+        assert not other.state.batches and torch.equal(other.model.model.layers[2].mlp.down_proj.weight,
+                                                       _model().model.layers[2].mlp.down_proj.weight)
+    other = _editor(corpus_file, stats, batch_size=1, output_dir=str(tmp_path / "other_settings"),
+                    resume_from_checkpoint=checkpoint, v_num_grad_steps=3)
+    with pytest.raises(CheckpointError, match="v_num_grad_steps: 6 -> 3"):  # the settings must still match
+        edit_sequentially(other, REQUESTS)
+
+
 def test_published_edits_continue_under_the_settings_they_were_made_with_not_todays_defaults(
         tmp_path, corpus_file, monkeypatch):
     """A setting the publisher left unset resolved to their version's default; loading their edits without
