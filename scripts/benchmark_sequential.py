@@ -536,7 +536,7 @@ def plot_telemetry(args: argparse.Namespace) -> None:
                   default=None), "linear"),
               ("mean target shift ‖z − h‖ / ‖h‖", lambda t: sum(
                   shift / hidden for shift, hidden in zip(t["target_shift_norms"], t["hidden_norms"], strict=True))
-               / len(t["hidden_norms"]) if t.get("hidden_norms") else None, "linear")]
+               / len(t["hidden_norms"]) if t.get("hidden_norms") else None, "from zero")]
     series = {}
     for method in args.methods:
         path = telemetry_path(args.output_dir, method)
@@ -551,7 +551,9 @@ def plot_telemetry(args: argparse.Namespace) -> None:
             points = [point for point in points if point[1] is not None]
             if points:
                 axis.plot(*zip(*points, strict=True), marker=".", label=method)
-        axis.set(title=title, xlabel="number of edits", yscale=scale)
+        axis.set(title=title, xlabel="number of edits", yscale="log" if scale == "log" else "linear")
+        if scale == "from zero":  # a ratio the clamp holds constant: round-off would otherwise fill the axis
+            axis.set_ylim(0, axis.get_ylim()[1] * 1.1)
         axis.title.set_fontsize("small")
     axes[0].legend(fontsize="x-small")
     figure.tight_layout()
