@@ -43,9 +43,10 @@ PRUNE_RESTRAIN_AT = ("end", "every_batch")
 
 # Settings that act outside the run (pushes, tokens, folders and files of the machine that runs it, how much of its
 # memory a run takes). Published edits never carry them into the loader's run (`EditingArguments.from_published`).
-SIDE_EFFECT_FIELDS = ("output_dir", "save_steps", "save_total_limit", "resume_from_checkpoint", "overwrite_output_dir",
-                      "statistics_cache_dir", "push_projection_to_hub", "projection_hub_repo_id", "hub_private_repo",
-                      "hub_token", "disable_tqdm", "target_memory_budget", "statistics_memory_budget")
+SIDE_EFFECT_FIELDS = ("output_dir", "save_steps", "save_total_limit", "resume_from_checkpoint",
+                      "overwrite_output_dir", "statistics_cache_dir", "push_projection_to_hub", "projection_hub_repo_id",
+                      "hub_private_repo", "hub_token", "disable_tqdm", "target_memory_budget",
+                      "statistics_memory_budget")
 # Settings that name where data comes from: taken from published edits only when they name a Hub repo or data set
 # (or a keyword), never a path on the loader's machine.
 SOURCE_FIELDS = ("statistics_corpus", "projection", "mend_editor", "norm_anchor_records")

@@ -12,11 +12,13 @@ every `save_steps` batches, writes a checkpoint into `output_dir`:
 
 A checkpoint is written into a hidden staging folder and renamed into place, then `latest` is replaced (also by
 rename), then the oldest checkpoints beyond `save_total_limit` (default 1: all older ones) are renamed away and
-deleted; a process killed at any moment therefore leaves either the previous or the new checkpoint complete. Resuming loads the base model, builds the method on the
-unedited weights (as the uninterrupted run did: statistics, NSE's and PRUNE's copies of the originals), then
-copies the saved weights in and rebuilds the method's sequential state (e.g. AlphaEdit's previous-edit Gram) by
-re-committing the saved batches in order. Saved weights rather than re-added factors, because only they are
-bitwise what the uninterrupted run had (re-adding factors differs by round-off under PRUNE or low precision).
+deleted; a process killed at any moment therefore leaves either the previous or the new checkpoint complete. A
+checkpoint also continues a longer run whose first batches it holds (a finished run extended by more edits).
+Resuming loads the base model, builds the method on the unedited weights (as the uninterrupted run did: statistics,
+NSE's and PRUNE's copies of the originals), then copies the saved weights in and rebuilds the method's sequential
+state (e.g. AlphaEdit's previous-edit Gram) by re-committing the saved batches in order. Saved weights rather than
+re-added factors, because only they are bitwise what the uninterrupted run had (re-adding factors differs by
+round-off under PRUNE or low precision).
 """
 
 from __future__ import annotations

@@ -31,11 +31,12 @@ weights, records and their hash, edit history, when it was measured, metric fami
 Writes into the output folder: `base/edits_0000.json`, `<method>/edits_NNNN.json` (one atomic file per evaluation;
 existing ones are skipped on a rerun, and `<method>/resume/` holds a `hf_alphaedit.checkpointing` checkpoint after
 the last finished batch, so a run continues there; `--keep_checkpoints` keeps every batch's, to restore and evaluate
-any point of the run afterwards; `--extend_from` continues a shorter run's checkpoint with more records), `results.json`, `results.md` and `metrics_vs_edits.png`,
-`comparison.png`, `general.png`, `trade_off.png` (efficacy and generalization against specificity and the general
-suite, one point per method or variant with its seconds per edit: the calibration curve), and per method
-`<method>/telemetry.json` (every batch's collapse telemetry: `‖W‖/‖W₀‖`, `‖ΔW‖`, the condition number of each
-solve, the null-space room left, the target norms) plotted in `telemetry.png`.
+any point of the run afterwards; `--extend_from` continues a shorter run's checkpoint with more records),
+`results.json`, `results.md` and `metrics_vs_edits.png`, `comparison.png`, `general.png`, `trade_off.png` (efficacy
+and generalization against specificity and the general suite, one point per method or variant with its seconds per
+edit: the calibration curve), and per method `<method>/telemetry.json` (every batch's collapse telemetry:
+`‖W‖/‖W₀‖`, `‖ΔW‖`, the condition number of each solve, the null-space room left, the target norms) plotted in
+`telemetry.png`.
 
 `--single_edits N` also edits each of the first N records alone into the unedited model (edit, evaluate that
 record, revert), per method, so the collapse of sequential editing shows against what one edit achieves; written to
