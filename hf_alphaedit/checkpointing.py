@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .arguments import SIDE_EFFECT_FIELDS
 from .engine import EditResult
 from .fingerprint import records_sha256
 from .requests import EditRequest, as_edit_requests
@@ -56,10 +57,9 @@ WEIGHTS_FILE = "edited_weights.safetensors"
 FINAL_MODEL_DIR = "edited_model"
 CHECKPOINT_FORMAT_VERSION = 2  # 2: weights keyed by module name (1: by the layer of the rewrite module)
 _STAGING_PREFIX = ".tmp-"
-# Settings that do not change what a run computes: they may differ between a run and its resumption.
-_RUN_INDEPENDENT_ARGS = frozenset({
-    "output_dir", "save_steps", "save_total_limit", "resume_from_checkpoint", "overwrite_output_dir", "disable_tqdm",
-    "hub_token", "hub_private_repo", "push_projection_to_hub", "projection_hub_repo_id", "statistics_cache_dir"})
+# Settings that do not change what a run computes: they may differ between a run and its resumption. The memory
+# budgets act on the machine too, but they set the micro-batches whose sums round differently, so they stay.
+_RUN_INDEPENDENT_ARGS = frozenset(SIDE_EFFECT_FIELDS) - {"target_memory_budget", "statistics_memory_budget"}
 
 
 class CheckpointError(ValueError):
@@ -327,7 +327,7 @@ def restore_checkpoint(editor: AlphaEditModel, checkpoint: Checkpoint, run: dict
 
 def _check_batches_lead(checkpoint: Checkpoint, requests: Sequence[EditRequest], batch_size: int) -> None:
     """Refuse `checkpoint` unless its batches are the first batches of `requests` (batches of `batch_size`)."""
-    if checkpoint.num_batches * batch_size > len(requests) + batch_size - 1:
+    if checkpoint.num_batches > -(-len(requests) // batch_size):  # more batches than the requests make
         raise CheckpointError(f"checkpoint {checkpoint.path} holds {checkpoint.num_batches} batches, more than this "
                               f"run's {len(requests)} requests make; resume a run at least that long.")
     for index, batch in enumerate(checkpoint.state.batches):
