@@ -36,7 +36,9 @@ any point of the run afterwards; `--extend_from` continues a shorter run's check
 and generalization against specificity and the general suite, one point per method or variant with its seconds per
 edit: the calibration curve), and per method `<method>/telemetry.json` (every batch's collapse telemetry:
 `‖W‖/‖W₀‖`, `‖ΔW‖`, the condition number of each solve, the null-space room left, the target norms) plotted in
-`telemetry.png`.
+`telemetry.png`. Every evaluation also scores each batch's records alone (`retention` in its JSON, from the same
+per-record scores, so it costs nothing extra): the oldest batches show what is forgotten, the newest how well new
+edits are written; tabled in `results.md` and plotted in `retention.png`.
 
 `--single_edits N` also edits each of the first N records alone into the unedited model (edit, evaluate that
 record, revert), per method, so the collapse of sequential editing shows against what one edit achieves; written to
@@ -70,7 +72,13 @@ from hf_alphaedit.checkpointing import (
     run_identity,
     save_checkpoint,
 )
-from hf_alphaedit.evaluation import editor_protocol, evaluate_edits, evaluate_general, load_edit_records
+from hf_alphaedit.evaluation import (
+    editor_protocol,
+    evaluate_edits,
+    evaluate_general,
+    load_edit_records,
+    summarize_record_scores,
+)
 from hf_alphaedit.evaluation.scorer import encode_prompt, encode_target, inference
 from hf_alphaedit.forward import right_pad
 from hf_alphaedit.methods import MethodConfig, get_method_classes
@@ -242,7 +250,11 @@ def evaluate_checkpoint(model: AlphaEditModel, edited: int, args: argparse.Names
     general suite when `general`."""
     result: dict[str, Any] = {"num_edits": model.state.num_edits}
     result["edit_metrics"] = model.evaluate(args.records, limit=edited, live=args.live, show_progress=False,
-                                            protocol=protocol)
+                                            protocol=protocol, per_record=True)
+    scores = result["edit_metrics"].pop("records")
+    result["retention"] = [{"records": [start, min(start + args.batch_size, edited)],
+                            **summarize_record_scores(scores[start : start + args.batch_size])}
+                           for start in range(0, edited, args.batch_size)]
     if general and args.general_examples > 0:
         start = time.perf_counter()
         result["general"] = evaluate_general(model.model, model.tokenizer, args.general_dir,
@@ -402,6 +414,7 @@ def markdown_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespa
             mean = single["mean"]
             lines.append(f"| {method} | {single['num_records']} | " + " | ".join(f"{mean[m]:.1f}" for m in EDIT_METRICS)
                          + f" | {mean['score']:.1f} | {single['edit_seconds'] / single['num_records']:.2f} s |")
+    lines += retention_table(runs, args)
     if base and "general" in base:
         tasks = general_tasks(base)
         lines += ["", "General capability (weighted F1 of the log-likelihood answers, "
@@ -410,6 +423,77 @@ def markdown_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespa
         for label, result in [("unedited", base)] + [(m, r) for m, r in finals if "general" in r]:
             lines.append(f"| {label} | " + " | ".join(f"{result['general'][t]['f1']:.3f}" for t in tasks) + " |")
     return "\n".join(lines) + "\n"
+
+
+def retention_groups(retention: list[dict[str, Any]], groups: int = 10) -> list[list[dict[str, Any]]]:
+    """A checkpoint's per-batch entries (oldest first) in at most `groups` runs of consecutive batches."""
+    size = -(-len(retention) // groups)
+    return [retention[start : start + size] for start in range(0, len(retention), size)]
+
+
+def retention_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> list[str]:
+    """Markdown lines: per method and checkpoint the metrics of the oldest and the newest batch's records and the
+    efficacy of at most ten groups of consecutive batches, oldest first (what is forgotten and what is written);
+    empty when no checkpoint has per-batch results."""
+    teacher = metric_names(args.dataset, "teacher_forced")
+    rows = [(method, result) for method in ["base", *args.methods] for result in runs[method] if "retention" in result]
+    if not any(method != "base" for method, _ in rows):
+        return []
+
+    def metrics(entries: list[dict[str, Any]]) -> list[float]:
+        count = sum(entry["num_records"] for entry in entries)
+        return [sum(entry[key] * entry["num_records"] for entry in entries) / count for key in teacher]
+
+    def cell(entry: dict[str, Any]) -> str:
+        first, last = entry["records"]
+        return f"{' / '.join(f'{value:.0f}' for value in metrics([entry]))} (records {first}–{last - 1})"
+
+    lines = ["", "Retention: each batch's records scored alone at each evaluation (" + " / ".join(EDIT_METRICS)
+             + ", percent): the oldest batch shows what is forgotten, the newest how well new edits are written; "
+             "the last column is the efficacy of the edited records in at most ten groups of consecutive batches, "
+             "oldest first (the unedited row: of every record the run edits).", "",
+             "| method | edits | oldest batch | newest batch | efficacy by group of batches, oldest first |",
+             "|---|---|---|---|---|"]
+    for method, result in rows:
+        retention = result["retention"]
+        groups = retention_groups(retention)
+        tenths = " · ".join(f"{metrics(group)[0]:.0f}" for group in groups) + (
+            f" ({len(groups[0])} batches each)" if len(groups[0]) > 1 else "")
+        lines.append(f"| {'unedited' if method == 'base' else method} | {result['num_edits']} | "
+                     f"{cell(retention[0])} | {cell(retention[-1])} | {tenths} |")
+    return lines
+
+
+def plot_retention(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
+    """`retention.png`: per method (rows) and metric (columns) each batch's records' score against the batch's
+    place in the edit order, one line per evaluation (lighter: earlier), the unedited model's scores of the same
+    records in grey: the drop from right (just written) to left (oldest) is forgetting."""
+    import matplotlib.pyplot as plt
+
+    teacher = metric_names(args.dataset, "teacher_forced")
+    methods = [m for m in args.methods if any("retention" in r for r in runs[m])]
+    if not methods:
+        return
+    base = next((r for r in runs["base"] if "retention" in r), None)
+    figure, axes = plt.subplots(len(methods), len(teacher), figsize=(4.4 * len(teacher), 3.2 * len(methods)),
+                                squeeze=False)
+    for row, method in zip(axes, methods, strict=True):
+        results = sorted((r for r in runs[method] if "retention" in r), key=lambda r: r["num_edits"])
+        for axis, metric, key in zip(row, EDIT_METRICS, teacher, strict=True):
+            for index, result in enumerate(results):
+                points = [(entry["records"][0], entry[key]) for entry in result["retention"]]
+                axis.plot(*zip(*points, strict=True), marker=".", label=f"after {result['num_edits']} edits",
+                          color=plt.cm.viridis(0.85 * (1 - (index + 1) / len(results))))
+            if base:
+                points = [(entry["records"][0], entry[key]) for entry in base["retention"]
+                          if entry["records"][0] < results[-1]["num_edits"]]
+                axis.plot(*zip(*points, strict=True), color="grey", linestyle="--", label="unedited")
+            axis.set(title=metric, xlabel="first record of the batch (edit order)", ylim=(0, 100))
+        row[0].set_ylabel(method.replace("+", "\n+") + "\n(percent)", fontsize="small")
+        row[0].legend(fontsize="x-small")
+    figure.tight_layout()
+    figure.savefig(args.output_dir / "retention.png", dpi=120)
+    plt.close(figure)
 
 
 def plot(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
@@ -466,6 +550,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> Non
 
     plot_trade_off(finals, teacher, args)
     plot_telemetry(args)
+    plot_retention(runs, args)
     if not (base and "general" in base):
         return
     tasks = general_tasks(base)
@@ -643,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         figures = Path(args.figures_dir)
         figures.mkdir(parents=True, exist_ok=True)
         for name in ("results.md", "results.json", "metrics_vs_edits.png", "comparison.png", "general.png",
-                     "trade_off.png", "telemetry.png"):
+                     "trade_off.png", "telemetry.png", "retention.png"):
             if (args.output_dir / name).exists():
                 shutil.copy2(args.output_dir / name, figures / name)
     print(table)

@@ -58,13 +58,25 @@ def test_the_general_suites_card_names_the_model_as_the_edit_metrics_card_does(b
     source = ModelSource("tester/tiny-llama", None, "0" * 40, "hub")
     editor = AlphaEditModel(model, tiny_tokenizer(), EditingArguments(disable_tqdm=True), source)
     args = argparse.Namespace(records=str(shared_data / "counterfact" / "counterfact-edit.json"), live=False,
-                              general_examples=2, general_dir=str(shared_data / "general"))
-    result = benchmark_script.evaluate_checkpoint(editor, 2, args, general=True, protocol={})
+                              general_examples=2, general_dir=str(shared_data / "general"), batch_size=2)
+    result = benchmark_script.evaluate_checkpoint(editor, 3, args, general=True, protocol={})
     edit_card, general_card = result["edit_metrics"]["protocol"], result["general"]["protocol"]
     assert general_card["model"]["id"] == edit_card["model"]["id"] == "tester/tiny-llama"
     assert general_card["model"]["revision"] == "0" * 40 and general_card["editing"] == edit_card["editing"]
     assert general_card["model"]["weights_sha256"] == edit_card["model"]["weights_sha256"]
     assert str(tmp_path) not in str(general_card)
+    # Per-batch retention: the records of each batch (2, then 1) scored alone, consistent with the whole.
+    retention, metrics = result["retention"], result["edit_metrics"]
+    assert [entry["records"] for entry in retention] == [[0, 2], [2, 3]] and "records" not in metrics
+    for name in ("efficacy", "generalization", "specificity"):
+        weighted = sum(entry[name] * entry["num_records"] for entry in retention) / 3
+        assert weighted == pytest.approx(metrics[name]), name
+    alone = editor.evaluate(args.records, limit=2)
+    assert retention[0]["specificity_magnitude"] == pytest.approx(alone["specificity_magnitude"])
+    table = "\n".join(benchmark_script.retention_table(
+        {"base": [], "alphaedit": [result]}, argparse.Namespace(dataset="counterfact", methods=["alphaedit"])))
+    first = " / ".join(f"{retention[0][name]:.0f}" for name in ("efficacy", "generalization", "specificity"))
+    assert f"| alphaedit | 0 | {first} (records 0–1) |" in table
 
 
 def test_the_tables_protocol_sentence_names_the_unedited_weights_not_the_first_methods(benchmark_script):

@@ -23,6 +23,7 @@ from hf_alphaedit.evaluation import (
     evaluate_general,
     generate_texts,
     score_continuations,
+    summarize_record_scores,
 )
 from hf_alphaedit.evaluation.scorer import leading_special_ids
 from hf_alphaedit.fingerprint import weights_sha256
@@ -86,6 +87,31 @@ def test_counterfact_runner_matches_per_record_scores_and_loads_through_datasets
     wins = [d["rewrite_true_nll"][0] > d["rewrite_new_nll"][0] for d in result["records"]]
     assert result["efficacy"] == pytest.approx(100 * sum(wins) / 6)
     assert result["score"] <= max(result["efficacy"], result["generalization"], result["specificity"])
+
+
+def test_a_part_of_the_per_record_scores_summarises_to_what_the_runner_reports_on_that_part_alone(shared_data):
+    """`summarize_record_scores` on one batch's records (the benchmark's per-batch retention) gives the numbers
+    `evaluate_edits` gives on those records alone, for CounterFact and ZsRE in one list."""
+    model, tokenizer = tiny_causal_lm("llama"), tiny_tokenizer()
+    counterfact = _flat_records(shared_data, 8)
+    zsre = json.loads((shared_data / "zsre" / "zsre_mend_train-1k.json").read_text())[:4]
+    whole = evaluate_edits(model, tokenizer, counterfact + zsre, per_record=True)
+    summary = summarize_record_scores(whole["records"])
+    names = ["efficacy", "generalization", "specificity", "score", "zsre_efficacy", "zsre_specificity"]
+    assert summary["num_records"] == 12 and {name: summary[name] for name in names} == {
+        name: whole[name] for name in names}
+    by_case = {d["case_id"]: d for d in whole["records"] if d["kind"] == "counterfact"}
+    part = [by_case[r["case_id"]] for r in counterfact[5:]]
+    alone = evaluate_edits(model, tokenizer, counterfact[5:])
+    summary = summarize_record_scores(part)
+    for name in ("efficacy", "generalization", "specificity", "specificity_magnitude", "score"):
+        assert summary[name] == pytest.approx(alone[name], abs=1e-9), name
+    assert "zsre_efficacy" not in summary
+    assert summary["efficacy"] != whole["efficacy"] or summary["specificity"] != whole["specificity"]
+    with pytest.raises(ValueError, match="records: no per-record scores"):
+        summarize_record_scores([])
+    with pytest.raises(ValueError, match="kind 'counterfact' or 'zsre'"):
+        summarize_record_scores([{"case_id": 1}])
 
 
 def _boost_token(model, token_id, amount=100.0):

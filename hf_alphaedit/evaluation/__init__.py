@@ -17,7 +17,7 @@ from .decoding import (
     generate_texts,
     greedy_answers,
 )
-from .editing import evaluate_edits, load_edit_records
+from .editing import evaluate_edits, load_edit_records, summarize_record_scores
 from .general import GENERAL_TASKS, evaluate_general
 from .protocol import editor_protocol
 from .scorer import ContinuationScore, encode_prompt, encode_target, score_continuations
@@ -39,4 +39,5 @@ __all__ = [
     "greedy_answers",
     "load_edit_records",
     "score_continuations",
+    "summarize_record_scores",
 ]

@@ -234,20 +234,56 @@ def _evaluate_counterfact(model: nn.Module, tokenizer: Any, requests: Sequence[E
         if (candidate == "new") == COUNTERFACT_KINDS[prompt_kind][1]:
             exact[index, prompt_kind].append(score.all_correct)
 
-    results: dict[str, float] = {}
-    for prompt_kind, (name, _) in COUNTERFACT_KINDS.items():
-        having = [i for i in range(len(requests)) if nll[i, prompt_kind, "new"]]
-        if not having:
-            continue
-        results.update(load_metric(name).compute(new_target_nll=[nll[i, prompt_kind, "new"] for i in having],
-                                                 true_target_nll=[nll[i, prompt_kind, "true"] for i in having]))
-        results[f"{prompt_kind}_acc"] = token_accuracy([exact[i, prompt_kind] for i in having])[0]
-    if all(name in results for name, _ in COUNTERFACT_KINDS.values()):
-        results["score"] = harmonic_mean([results[name] for name, _ in COUNTERFACT_KINDS.values()])
     details = [{"case_id": request.case_id, "kind": "counterfact",
                 **{f"{k}_{c}_nll": nll[index, k, c] for k in COUNTERFACT_KINDS for c in ("new", "true")}}
                for index, request in enumerate(requests)]
+    results = _counterfact_summary(details)
+    for prompt_kind in COUNTERFACT_KINDS:
+        having = [i for i in range(len(requests)) if nll[i, prompt_kind, "new"]]
+        if having:
+            results[f"{prompt_kind}_acc"] = token_accuracy([exact[i, prompt_kind] for i in having])[0]
     return results, details
+
+
+def _counterfact_summary(details: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Efficacy, generalization, specificity (with their spreads and magnitudes) and their harmonic mean `score`
+    from CounterFact records' scores (`evaluate_edits(..., per_record=True)["records"]`); a prompt kind no
+    record has is left out."""
+    results: dict[str, float] = {}
+    for prompt_kind, (name, _) in COUNTERFACT_KINDS.items():
+        having = [d for d in details if d[f"{prompt_kind}_new_nll"]]
+        if having:
+            results.update(load_metric(name).compute(new_target_nll=[d[f"{prompt_kind}_new_nll"] for d in having],
+                                                     true_target_nll=[d[f"{prompt_kind}_true_nll"] for d in having]))
+    if all(name in results for name, _ in COUNTERFACT_KINDS.values()):
+        results["score"] = harmonic_mean([results[name] for name, _ in COUNTERFACT_KINDS.values()])
+    return results
+
+
+def _zsre_summary(details: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """ZsRE token-level accuracies (`zsre_efficacy`, ...) from ZsRE records' scores."""
+    columns = {f"{k}_correct": [d[f"{k}_correct"] for d in details] for k in COUNTERFACT_KINDS}
+    return {f"zsre_{name}": value for name, value in load_metric("zsre_accuracy").compute(**columns).items()}
+
+
+def summarize_record_scores(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The teacher-forced edit metrics of any subset of the per-record scores `evaluate_edits(...,
+    per_record=True)` returns under `"records"` (e.g. the records of one edit batch), computed by the same
+    `evaluate` modules, so the subset's numbers are what `evaluate_edits` would report on those records alone.
+
+    CounterFact records give `efficacy`, `generalization`, `specificity` (+ `_std`, `_magnitude`) and `score`;
+    ZsRE records `zsre_efficacy`, `zsre_generalization`, `zsre_specificity` (+ `_std`); `num_records` counts both.
+    """
+    if not records:
+        raise ValueError("records: no per-record scores to summarise; pass evaluate_edits(..., "
+                         "per_record=True)['records'] or a non-empty part of it")
+    counterfact = [r for r in records if r.get("kind") == "counterfact"]
+    zsre = [r for r in records if r.get("kind") == "zsre"]
+    if len(counterfact) + len(zsre) != len(records):
+        raise ValueError("records: every entry needs kind 'counterfact' or 'zsre' (the per-record scores of "
+                         "evaluate_edits(..., per_record=True)['records'])")
+    return {"num_records": len(records), **(_counterfact_summary(counterfact) if counterfact else {}),
+            **(_zsre_summary(zsre) if zsre else {})}
 
 
 def _evaluate_zsre(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest],
@@ -267,11 +303,9 @@ def _evaluate_zsre(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequ
     flags: dict[tuple[int, str], list[bool]] = {(i, k): [] for i in range(len(requests)) for k in COUNTERFACT_KINDS}
     for slot, score in zip(slots, scores, strict=True):
         flags[slot].extend(score.token_correct)
-    columns = {f"{k}_correct": [flags[i, k] for i in range(len(requests))] for k in COUNTERFACT_KINDS}
-    summary = load_metric("zsre_accuracy").compute(**columns)
     details = [{"case_id": request.case_id, "kind": "zsre", **{f"{k}_correct": flags[index, k] for k in COUNTERFACT_KINDS}}
                for index, request in enumerate(requests)]
-    return {f"zsre_{name}": value for name, value in summary.items()}, details
+    return _zsre_summary(details), details
 
 
 def _live(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], items: list[list[Item]],
