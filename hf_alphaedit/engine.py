@@ -376,8 +376,8 @@ class EditEngine:
 
     def warn_when_room_runs_out(self, telemetry: BatchTelemetry, batch_edits: int) -> None:
         """Warn (once per layer) when an edited layer has fewer null-space directions left than the batch just
-        applied had edits: once they are all spanned, an edit there can only overwrite what earlier edits wrote, so
-        the efficacy of earlier edits decays."""
+        applied had edits: once they are all spanned, later edits there share directions with earlier ones, which
+        the solve trades off (on SmolLM2 efficacy then declines slowly and specificity more, not at once)."""
         for layer in telemetry.layers:
             left = layer.null_space_left
             if left is None or left >= batch_edits or layer.layer in self._room_warned:
@@ -385,10 +385,11 @@ class EditEngine:
             self._room_warned.add(layer.layer)
             logger.warning(
                 "layer %d: %d null-space directions left after %d edits, fewer than this batch's %d: from here on "
-                "an edit at this layer overwrites what earlier edits wrote there and their efficacy decays. Spread "
-                "the edits over more layers (EditingArguments.layers) or loosen the projector (a higher "
-                "nullspace_threshold, or nullspace_threshold_mode='energy'), which protects less of what the model "
-                "knew.", layer.layer, left, self.state.num_edits, batch_edits)
+                "edits at this layer share directions with earlier edits and the solve trades new edits off against "
+                "old ones (the preserved keys stay protected: every update still lies in their null space; measured "
+                "on SmolLM2: a slow decline of efficacy and specificity, see the README's lifelong section). A "
+                "projector with more room (a higher nullspace_threshold) protects less of what the model knew.",
+                layer.layer, left, self.state.num_edits, batch_edits)
 
     @contextlib.contextmanager
     def editing_mode(self) -> Iterator[None]:
