@@ -5,6 +5,7 @@ from .arguments import EditingArguments
 from .engine import BatchReport, EditResult
 from .methods import (
     AlphaEditConfig,
+    BetaEditConfig,
     EditContext,
     EditMethod,
     FTConfig,
@@ -29,6 +30,7 @@ __all__ = [
     "AlphaEditConfig",
     "AlphaEditModel",
     "BatchReport",
+    "BetaEditConfig",
     "EditContext",
     "EditMethod",
     "EditRequest",

@@ -82,7 +82,7 @@ _EMBEDDED_BASE_LICENSE = "apache-2.0"
 # Weight files that would shadow or mix with the weights a push writes (HUB_INTEGRATION.md §1.5).
 _WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth",
                     "*.gguf", "*.msgpack", "*.h5")
-_METHOD_TITLES = {"alphaedit": "AlphaEdit", "memit": "MEMIT"}
+_METHOD_TITLES = {"alphaedit": "AlphaEdit", "betaedit": "BetaEdit", "memit": "MEMIT"}
 _HUB_LOOKUP_ERRORS = (HfHubHTTPError, OSError, ValueError)
 # Entries of `evaluate`'s results that are not quality metrics (`*_std` are left out as well).
 _EVALUATION_BOOKKEEPING = {"num_records", "seconds", "records_per_second"}

@@ -13,6 +13,7 @@ from .base import (
     projection_support,
     register_method,
 )
+from .betaedit import BetaEdit, BetaEditConfig  # registers "betaedit"
 from .ft import FineTune, FTConfig  # registers "ft"
 from .locate_then_edit import LocateThenEditMethod
 from .memit import Memit, MemitConfig  # registers "memit"
@@ -23,7 +24,7 @@ from .prune import PruneRestraint
 from .rome import Rome, RomeConfig  # registers "rome"
 from .ultraedit import UltraEdit, UltraEditConfig  # registers "ultraedit"
 
-__all__ = ["NSE", "AlphaEdit", "AlphaEditConfig", "BatchUpdate", "EditContext", "EditMethod", "FTConfig", "FineTune",
+__all__ = ["NSE", "AlphaEdit", "AlphaEditConfig", "BatchUpdate", "BetaEdit", "BetaEditConfig", "EditContext", "EditMethod", "FTConfig", "FineTune",
            "LayerUpdate", "LocateThenEditMethod", "Memit", "MemitConfig", "Mend", "MendConfig", "MendEditor",
            "MethodConfig", "NSEConfig", "NormAnchor", "NormAnchorScaling", "NullSpaceBooster", "PruneRestraint",
            "Rome", "RomeConfig", "UltraEdit", "UltraEditConfig", "get_method_classes", "list_methods",

@@ -48,10 +48,14 @@ class AlphaEdit(LocateThenEditMethod):
     def sequential_state(self) -> tuple[str, ...]:
         return ("previous_gram",) if self.config.protect_previous_edits else ()
 
+    def batch_independent_gram(self, layer: int) -> torch.Tensor:
+        """The part of the reduced system `[r, r]` that does not depend on the batch: `G = Ûᵀ C_p Û`."""
+        return self.previous_gram[layer]
+
     def solve(self, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         basis = self.bases[layer]
         projected_keys = basis.T @ keys.T.double()  # Ûᵀ K, [r, n]
-        system = self.previous_gram[layer] + projected_keys @ projected_keys.T
+        system = self.batch_independent_gram(layer) + projected_keys @ projected_keys.T
         system.diagonal().add_(self.context.hparams.l2)
         factor = torch.linalg.cholesky(system)
         self.note_condition(layer, system, lambda vectors: torch.cholesky_solve(vectors, factor))
