@@ -7,9 +7,9 @@
 
 A method is a registered name with optional `+projection` (AlphaEdit's null-space projection of every update,
 `use_projection=True`), `+prune` (the PRUNE restraint, `prune=True`), `+nas` (NAS's norm-anchor scaling of the
-targets, `norm_anchor=True`, for the locate-then-edit methods alphaedit, betaedit, memit and nse) and, for FT, `+unconstrained`
-(no L∞ box, so FT's default layer is `round(0.66·N)`, as the reference's Llama-3-8B file): `memit+projection`,
-`alphaedit+prune`, `alphaedit+nas`. NAS's anchor comes from the first 100 records of the training file
+targets, `norm_anchor=True`, for the locate-then-edit methods alphaedit, betaedit, memit and nse) and, for FT,
+`+unconstrained` (no L∞ box, so FT's default layer is `round(0.66·N)`, as the reference's Llama-3-8B file):
+`memit+projection`, `alphaedit+prune`, `alphaedit+nas`. NAS's anchor comes from the first 100 records of the training file
 `../shared/data/counterfact/counterfact-train.json`, never from the evaluated records; it is computed once per model
 (one target optimisation per record, about 7 s each on 2 CPU cores) and cached next to the key statistics.
 `+field=value` sets any field of EditingArguments or of the method's config for that run
