@@ -114,9 +114,9 @@ class EditingArguments:
         "killed at any moment resumes from the last one). Default: no checkpoints.", default=None, low=1)
     save_total_limit: int | None = setting(
         "How many checkpoints output_dir keeps: after each new one the oldest beyond this number are deleted. "
-        "Default 1 (the latest only: a checkpoint holds every edited matrix); None (null in a config file; on the "
-        "command line a number above the run's batches) keeps them all, e.g. to evaluate a long run at several "
-        "points afterwards.", default=1, low=1)
+        "Default 1 (the latest only: a checkpoint holds every edited matrix); None (null in a config file, none on "
+        "the command line) keeps them all, e.g. to evaluate a long run at several points afterwards.", default=1,
+        low=1)
     resume_from_checkpoint: str | None = setting(
         "Continue a sequential run from a checkpoint folder, or 'true' for the latest checkpoint in output_dir.",
         default=None)

@@ -37,7 +37,7 @@ from .checkpointing import (
 )
 from .demo.session import DemoLimits
 from .distributed import DistributedError, data_parallel, default_device, end_data_parallel
-from .fields import validate_fields
+from .fields import scalar_fields, validate_fields
 from .hub import DEFAULT_MODEL
 from .methods import get_method_classes, list_methods
 from .methods.mend.artifact import EDITOR_CONFIG
@@ -628,7 +628,23 @@ def build_parser(command: Command, method: str | None) -> tuple[HfArgumentParser
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     parser = HfArgumentParser(types, prog=f"{PROG} {command.name}", description=command.description,
                               usage=" ".join(["%(prog)s", *required, "[--config FILE] [flags]"]), allow_abbrev=False)
+    # HfArgumentParser types an `int | None` flag as int; 'none' gives such a field its None (e.g. keep every
+    # checkpoint), which a config file says with null.
+    optional = {spec.name for cls in types for spec in scalar_fields(cls) if spec.optional}
+    for action in parser._actions:
+        if action.dest in optional and action.type is not None:
+            action.type = _none_or(action.type)
+            action.help = f"{action.help or ''} ('none' for None)".strip()
     return parser, types
+
+
+def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`convert`, except that 'none' / 'null' (any case) give None."""
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in ("none", "null") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names it in "invalid int value: 'x'"
+    return parse
 
 
 def parse_command(command: Command, args: Sequence[str]) -> dict[type, Any]:

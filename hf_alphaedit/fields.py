@@ -43,7 +43,7 @@ def validate_fields(instance: Any) -> None:
     is not optional, a non-finite number, or a number outside the field's declared range.
     """
     owner = type(instance).__name__
-    for spec in _scalar_fields(type(instance)):
+    for spec in scalar_fields(type(instance)):
         name = f"{owner}.{spec.name}"
         value = getattr(instance, spec.name)
         if value is None:
@@ -65,7 +65,7 @@ class _ScalarField:
 
 
 @functools.cache
-def _scalar_fields(cls: type) -> tuple[_ScalarField, ...]:
+def scalar_fields(cls: type) -> tuple[_ScalarField, ...]:
     """The `float` / `int` / `bool` fields of dataclass `cls` (optional or not), with their declared bounds."""
     hints = typing.get_type_hints(cls)
     found = []

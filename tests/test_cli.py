@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_alphaedit import EditingArguments
+from hf_alphaedit import BetaEditConfig, EditingArguments
 from hf_alphaedit.cli import COMMANDS, ModelArguments, UsageError, main, parse_command, read_config_file
 from hf_alphaedit.methods import MemitConfig
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
@@ -109,6 +109,19 @@ def test_config_file_values_are_typed_and_flags_override_them(tmp_path):
         (tmp_path / "typo.yaml").write_text("statistics_corpuss: x.txt\n", encoding="utf-8")
         parse_command(COMMANDS["edit"], ["--config", str(tmp_path / "typo.yaml"), "--requests", "x.json"])
 
+
+
+def test_none_on_the_command_line_gives_an_optional_number_its_none():
+    """HfArgumentParser types `int | None` flags as int, so keeping every checkpoint or never refreshing BetaEdit's
+    projector could only be said in a config file."""
+    parsed = parse_command(COMMANDS["edit"], ["--requests", "x.json", "--save_total_limit", "none", "--method",
+                                              "betaedit", "--projector_refresh_every", "NULL", "--save_steps", "2"])
+    assert parsed[EditingArguments].save_total_limit is None and parsed[EditingArguments].save_steps == 2
+    assert parsed[BetaEditConfig].projector_refresh_every is None
+    defaults = parse_command(COMMANDS["edit"], ["--requests", "x.json", "--method", "betaedit"])
+    assert defaults[EditingArguments].save_total_limit == 1 and defaults[BetaEditConfig].projector_refresh_every == 1000
+    with pytest.raises(SystemExit):
+        parse_command(COMMANDS["edit"], ["--requests", "x.json", "--save_total_limit", "all"])
 
 EDITING_CONFIGS = [path for path in sorted((ROOT / "examples" / "configs").glob("*.yaml"))
                    if "train_files" not in read_config_file(str(path))]  # not the train-mend configs (test_mend)
