@@ -38,13 +38,13 @@ class BetaEdit(AlphaEdit):
         super().__init__(context, config if config is not None else BetaEditConfig(), projector)
         device = next(iter(self.bases.values())).device
         statistics = context.statistics(context.hparams.layers)
-        self.preserved_second_moment = {layer: statistics.second_moment(layer).to(device, torch.float64)
-                                        for layer in self.bases}
-        self.leakage_gram = {layer: self._leakage_gram(layer, basis) for layer, basis in self.bases.items()}
+        second_moments = {layer: statistics.second_moment(layer).to(device, torch.float64) for layer in self.bases}
+        self.leakage_gram = {layer: self._leakage_gram(basis, second_moments[layer])
+                             for layer, basis in self.bases.items()}
         self.initial_bases = dict(self.bases)
-        if self.config.projector_refresh_every is not None:
-            self.edit_second_moment = {layer: torch.zeros_like(c0) for layer, c0 in
-                                       self.preserved_second_moment.items()}
+        if self.config.projector_refresh_every is not None:  # only a refresh reads C₀ again
+            self.preserved_second_moment = second_moments
+            self.edit_second_moment = {layer: torch.zeros_like(c0) for layer, c0 in second_moments.items()}
             # [edits committed, edits committed at the last refresh] per layer
             self.edit_counts = {layer: torch.zeros(2, dtype=torch.long) for layer in self.bases}
 
@@ -54,9 +54,9 @@ class BetaEdit(AlphaEdit):
             return super().sequential_state
         return ("previous_gram", "leakage_gram", "bases", "edit_second_moment", "edit_counts")
 
-    def _leakage_gram(self, layer: int, basis: torch.Tensor) -> torch.Tensor:
-        """`λ₁ Ûᵀ C₀ Û` `[r, r]`."""
-        return self.config.leakage_penalty * (basis.T @ self.preserved_second_moment[layer] @ basis)
+    def _leakage_gram(self, basis: torch.Tensor, preserved_second_moment: torch.Tensor) -> torch.Tensor:
+        """`λ₁ Ûᵀ C₀ Û` `[r, r]` for the basis `Û` `[d_k, r]` and `C₀` `[d_k, d_k]`."""
+        return self.config.leakage_penalty * (basis.T @ preserved_second_moment @ basis)
 
     def batch_independent_gram(self, layer: int) -> torch.Tensor:
         return self.previous_gram[layer] + self.leakage_gram[layer]
@@ -85,7 +85,7 @@ class BetaEdit(AlphaEdit):
         eigenvalues, eigenvectors = torch.linalg.eigh(protected)
         basis = eigenvectors[:, null_space_mask(eigenvalues, hp.nullspace_threshold, hp.nullspace_threshold_mode)]
         self.bases[layer] = basis.contiguous()
-        self.leakage_gram[layer] = self._leakage_gram(layer, basis)
+        self.leakage_gram[layer] = self._leakage_gram(basis, self.preserved_second_moment[layer])
         self.previous_gram[layer] = (basis.T @ edit_moment @ basis if self.config.protect_previous_edits
                                      else basis.new_zeros(basis.shape[1], basis.shape[1]))
         self.edit_counts[layer] = torch.tensor([edits, edits])
