@@ -31,6 +31,9 @@ class BetaEdit(AlphaEdit):
     Everything follows from the committed batches' keys, so undo and resume rebuild it exactly. The telemetry's
     null-space room stays measured in the projector of the key statistics (a refresh is logged with how far its null
     space moved from it).
+
+    Everything else is AlphaEdit's, `preset="auto"`'s clamp 0.5 included (the reference's files set BetaEdit's target
+    optimisation as AlphaEdit's).
     """
 
     def __init__(self, context: EditContext, config: BetaEditConfig | None = None,
