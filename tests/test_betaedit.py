@@ -9,16 +9,9 @@ import torch
 from hf_alphaedit import AlphaEditModel, BetaEditConfig, EditingArguments
 from hf_alphaedit.checkpointing import load_checkpoint, restore_checkpoint, save_checkpoint
 from hf_alphaedit.engine import copy_method_state
+from tests.test_ultraedit import REQUESTS  # six requests, so three batches of two
 from tests.tiny_models import tiny_causal_lm_with_large_activations, tiny_tokenizer
 
-REQUESTS = [
-    {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"},
-    {"prompt": "The mother tongue of {} is", "subject": "Danielle", "target_new": "English language"},
-    {"prompt": "{}, who plays the", "subject": "Miles Davis", "target_new": "piano"},
-    {"prompt": "{} is a citizen of", "subject": "Marie Curie", "target_new": "Japan"},
-    {"prompt": "The capital of {} is", "subject": "Norway", "target_new": "Lyon"},
-    {"prompt": "{} was developed by", "subject": "Windows 95", "target_new": "Google"},
-]
 LAYERS = [1, 2]
 
 
