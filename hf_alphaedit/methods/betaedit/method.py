@@ -33,7 +33,8 @@ class BetaEdit(AlphaEdit):
     space moved from it).
 
     Everything else is AlphaEdit's, `preset="auto"`'s clamp 0.5 included (the reference's files set BetaEdit's target
-    optimisation as AlphaEdit's).
+    optimisation as AlphaEdit's). Not taken over: the reference's script stops the whole run once an update's
+    `‖ΔW‖_F / √n` exceeds 20; here `EditingArguments.collapse_guard` refuses a batch by the weights' norm growth.
     """
 
     def __init__(self, context: EditContext, config: BetaEditConfig | None = None,
