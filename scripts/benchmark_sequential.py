@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -581,7 +582,7 @@ def plot_trade_off(finals: list[tuple[str, dict[str, Any]]], teacher: list[str],
         panels.append(("general suite, mean weighted F1", lambda r: r["general"]["average"]["f1"]))
     figure, axes = plt.subplots(1, len(panels), figsize=(9.0 * len(panels), 5.0), squeeze=False)
     for axis, (xlabel, x_of) in zip(axes[0], panels, strict=True):
-        labels_at: dict[tuple[float, float], int] = {}  # settings that land on one point get stacked labels
+        labels: dict[float, list[tuple[float, str]]] = {}  # x -> (efficacy, label) of the points there
         for name, result in finals:
             x = x_of(result)
             if name == "unedited":
@@ -592,12 +593,18 @@ def plot_trade_off(finals: list[tuple[str, dict[str, Any]]], teacher: list[str],
             axis.scatter(x, result["edit_metrics"][efficacy], marker="o", color="C0", zorder=2)
             axis.scatter(x, result["edit_metrics"][generalization], marker="^", color="C1", zorder=2)
             seconds = result.get("edit_seconds")
-            point = (x, result["edit_metrics"][efficacy])
-            stacked = labels_at[point] = labels_at.get(point, -1) + 1
-            axis.annotate(name + (f" ({seconds / result['num_edits']:.2f} s/edit)" if seconds else ""), point,
-                          textcoords="offset points", xytext=(6, -4 - 11 * stacked), fontsize="x-small")
+            labels.setdefault(x, []).append((result["edit_metrics"][efficacy], name + (
+                f" ({seconds / result['num_edits']:.2f} s/edit)" if seconds else "")))
         axis.margins(x=0.6)  # room for the labels right of the points
         axis.set(xlabel=xlabel + " (grey: unedited)", ylabel="percent (o efficacy, ^ generalization)")
+        low, high = axis.get_ylim()
+        points_per_unit = axis.get_window_extent().height * 72 / figure.dpi / (high - low)
+        for x, entries in labels.items():  # labels of one x go down a column, 11 points apart at least
+            below = math.inf
+            for y, text in sorted(entries, reverse=True):
+                offset = min(-4.0, below - y * points_per_unit)
+                axis.annotate(text, (x, y), textcoords="offset points", xytext=(6, offset), fontsize="x-small")
+                below = y * points_per_unit + offset - 11
     figure.suptitle(f"trade-off after {args.num_edits} edits (batches of {args.batch_size})", fontsize="medium")
     figure.tight_layout()
     figure.savefig(args.output_dir / "trade_off.png", dpi=120)
