@@ -24,8 +24,8 @@ from .prune import PruneRestraint
 from .rome import Rome, RomeConfig  # registers "rome"
 from .ultraedit import UltraEdit, UltraEditConfig  # registers "ultraedit"
 
-__all__ = ["NSE", "AlphaEdit", "AlphaEditConfig", "BatchUpdate", "BetaEdit", "BetaEditConfig", "EditContext", "EditMethod", "FTConfig", "FineTune",
-           "LayerUpdate", "LocateThenEditMethod", "Memit", "MemitConfig", "Mend", "MendConfig", "MendEditor",
-           "MethodConfig", "NSEConfig", "NormAnchor", "NormAnchorScaling", "NullSpaceBooster", "PruneRestraint",
-           "Rome", "RomeConfig", "UltraEdit", "UltraEditConfig", "get_method_classes", "list_methods",
-           "projection_support", "register_method"]
+__all__ = ["NSE", "AlphaEdit", "AlphaEditConfig", "BatchUpdate", "BetaEdit", "BetaEditConfig", "EditContext",
+           "EditMethod", "FTConfig", "FineTune", "LayerUpdate", "LocateThenEditMethod", "Memit", "MemitConfig",
+           "Mend", "MendConfig", "MendEditor", "MethodConfig", "NSEConfig", "NormAnchor", "NormAnchorScaling",
+           "NullSpaceBooster", "PruneRestraint", "Rome", "RomeConfig", "UltraEdit", "UltraEditConfig",
+           "get_method_classes", "list_methods", "projection_support", "register_method"]
