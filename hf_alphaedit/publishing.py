@@ -49,7 +49,9 @@ from .hub import (
     public_path,
     upload_folder_replacing,
 )
-from .registry import get_method_classes
+from .methods.nas import NAS_PAPER
+from .methods.prune import PRUNE_PAPER
+from .registry import get_method_classes, projection_support
 from .state import STATE_JSON, STATE_TENSORS, EditState, iso_time, record_norms, request_summary
 from .updates import LayerUpdate
 
@@ -82,7 +84,6 @@ _EMBEDDED_BASE_LICENSE = "apache-2.0"
 # Weight files that would shadow or mix with the weights a push writes (HUB_INTEGRATION.md §1.5).
 _WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth",
                     "*.gguf", "*.msgpack", "*.h5")
-_METHOD_TITLES = {"alphaedit": "AlphaEdit", "betaedit": "BetaEdit", "memit": "MEMIT"}
 _HUB_LOOKUP_ERRORS = (HfHubHTTPError, OSError, ValueError)
 # Entries of `evaluate`'s results that are not quality metrics (`*_std` are left out as well).
 _EVALUATION_BOOKKEEPING = {"num_records", "seconds", "records_per_second"}
@@ -299,6 +300,31 @@ def _eval_results(evaluation: dict[str, Any]) -> list[EvalResult] | None:
             for name, value in evaluation["post"].items()]
 
 
+def _method_title(method: str) -> str:
+    """How cards name the registered `method`: its class's own `title` (not an inherited one: a subclass is another
+    method), else the registered name."""
+    return vars(get_method_classes(method)[1]).get("title", method)
+
+
+def _citations(model: AlphaEditModel) -> list[str]:
+    """The papers behind the model's edits, one line each: the method's own `paper` (not an inherited one), then
+    AlphaEdit's when another method's updates were projected onto its null space, NAS's and PRUNE's when applied."""
+    method_cls = get_method_classes(model.state.method)[1]
+    papers = [vars(method_cls).get("paper")]
+    if model.hparams.use_projection and projection_support(method_cls) != "inherent":
+        papers.append(vars(get_method_classes("alphaedit")[1])["paper"])
+    if model.editing_args.norm_anchor:
+        papers.append(NAS_PAPER)
+    if model.editing_args.prune:
+        papers.append(PRUNE_PAPER)
+    return [paper for paper in papers if paper]
+
+
+def _arxiv_links(text: str) -> str:
+    """`arXiv:NNNN.NNNNN` in `text` as a Markdown link to the abstract."""
+    return re.sub(r"arXiv:(\d{4}\.\d{4,5})", r"[arXiv:\1](https://arxiv.org/abs/\1)", text)
+
+
 def _cell(value: Any) -> str:
     """A value as one Markdown table cell."""
     text = "" if value is None else str(value)
@@ -309,6 +335,7 @@ def _environment() -> jinja2.Environment:
     environment = jinja2.Environment(loader=jinja2.FunctionLoader(card_template), keep_trailing_newline=True,
                                      undefined=jinja2.StrictUndefined, autoescape=False)
     environment.filters["cell"] = _cell
+    environment.filters["arxiv_links"] = _arxiv_links
     return environment
 
 
@@ -329,7 +356,7 @@ def render_card(model: AlphaEditModel, kind: Literal["checkpoint", "lora", "delt
     corpus = public_path(model.editing_args.statistics_corpus)
     evaluation = _evaluation(model)
     provenance = {
-        "version": __version__, "method": _METHOD_TITLES.get(method, method), "format": kind,
+        "version": __version__, "method": _method_title(method), "format": kind,
         "base_model_revision": source.commit_sha or source.revision, "base_model_origin": source.origin,
         "layers": list(model.hparams.layers), "num_edits": state.num_edits, "num_batches": len(state.batches),
         "num_reverted_batches": len(model.revert_log), "statistics_corpus": corpus,
@@ -360,7 +387,7 @@ def render_card(model: AlphaEditModel, kind: Literal["checkpoint", "lora", "delt
         editing_args=_public_editing_args(model.editing_args), statistics_corpus=corpus,
         log_rows=rows[:CARD_LOG_ROWS], log_rows_hidden=max(0, len(rows) - CARD_LOG_ROWS),
         reverts=list(model.revert_log), evaluation=evaluation, projection=projection,
-        version=__version__, torch_version=torch.__version__)
+        citations=_citations(model), version=__version__, torch_version=torch.__version__)
     return ModelCard(text)
 
 

@@ -303,6 +303,36 @@ def test_card_front_matter_edit_log_and_metrics(corpus_file, tmp_path, monkeypat
     assert data.hf_alphaedit["projection_revision"] == "b" * 40 and "b" * 40 in card.text
 
 
+ALPHAEDIT_PAPER = ('Fang et al., "AlphaEdit: Null-Space Constrained Knowledge Editing for Language Models", ICLR 2025, '
+                   '[arXiv:2410.02355](https://arxiv.org/abs/2410.02355)')
+MEMIT_PAPER = ('Meng et al., "Mass-Editing Memory in a Transformer", ICLR 2023, '
+               '[arXiv:2210.07229](https://arxiv.org/abs/2210.07229)')
+
+
+@pytest.mark.parametrize(("overrides", "title", "papers", "projector"), [
+    ({}, "AlphaEdit", [ALPHAEDIT_PAPER], "computed locally"),
+    ({"method": "betaedit"}, "BetaEdit",
+     ['Liu, Liu and Li, "BetaEdit: Null-Space Constrained Sequential Model Editing", IJCAI 2026, '
+      '[arXiv:2605.09285](https://arxiv.org/abs/2605.09285)'], "computed locally"),
+    ({"method": "memit"}, "MEMIT", [MEMIT_PAPER], "MEMIT uses no null-space projector."),
+    ({"method": "memit", "use_projection": True, "prune": True, "norm_anchor": True, "norm_anchor_records": "x.json"},
+     "MEMIT", [MEMIT_PAPER, ALPHAEDIT_PAPER,
+               'Liu et al., "Norm Anchors Make Model Edits Last", 2026, '
+               '[arXiv:2602.02543](https://arxiv.org/abs/2602.02543)',
+               'Ma et al., "Perturbation-Restrained Sequential Model Editing", ICLR 2025, '
+               '[arXiv:2405.16821](https://arxiv.org/abs/2405.16821)'], "computed locally"),
+])
+def test_cards_cite_the_papers_behind_the_edits_and_say_whether_a_projector_was_used(corpus_file, overrides, title,
+                                                                                      papers, projector):
+    """The card names the method, cites its paper and every technique applied on top of it, and says where the
+    null-space projector came from whenever one constrained the updates (BetaEdit and MEMIT with the booster too)."""
+    card = publishing.render_card(_editor(corpus_file, **overrides), "checkpoint", "edited")
+    assert card.data.hf_alphaedit["method"] == title and f"Method: **{title}**" in card.text
+    assert [line[2:] for line in card.text.split("## Reproducibility")[1].splitlines() if line.startswith("- ")] == papers
+    provenance = card.text.split("## Projection artifact provenance")[1].split("##")[0]
+    assert projector in provenance
+
+
 def test_adapter_cards_say_what_they_are(corpus_file, tmp_path):
     editor = _editor(corpus_file, source=ModelSource("tester/tiny-llama-base", "main", None, "hub"))
     editor.edit(REQUESTS[:1])

@@ -71,6 +71,10 @@ class EditContext:
 class EditMethod(Protocol):
     """A plugin: built once per model as `method_cls(context, config)`, then called batch after batch.
 
+    Optional class attributes `title` (how model cards name the method; default: its registered name) and `paper`
+    (how to cite it, one line, `arXiv:NNNN.NNNNN` becomes a link) are read from the class itself, not inherited, so
+    a subclass registered as another method never shows its parent's name or paper.
+
     Optional class attribute `projection` (default `"optional"`) says how AlphaEdit's null-space projection
     relates to the method: `"inherent"` (it solves in the null space itself, like AlphaEdit), `"optional"`
     (`EditingArguments.use_projection=True` projects every update it applies through `context.apply_update`)

@@ -25,6 +25,10 @@ class AlphaEdit(LocateThenEditMethod):
     anyone runs; the unprojected sequential baseline is MEMIT_seq (`MemitConfig(protect_previous_edits=True)`).
     """
 
+    title = "AlphaEdit"
+    paper = ('Fang et al., "AlphaEdit: Null-Space Constrained Knowledge Editing for Language Models", '
+             'ICLR 2025, arXiv:2410.02355')
+
     projection = "inherent"
 
     @staticmethod

@@ -37,6 +37,10 @@ class BetaEdit(AlphaEdit):
     `‖ΔW‖_F / √n` exceeds 20; here `EditingArguments.collapse_guard` refuses a batch by the weights' norm growth.
     """
 
+    title = "BetaEdit"
+    paper = ('Liu, Liu and Li, "BetaEdit: Null-Space Constrained Sequential Model Editing", '
+             'IJCAI 2026, arXiv:2605.09285')
+
     def __init__(self, context: EditContext, config: BetaEditConfig | None = None,
                  projector: NullSpaceProjector | None = None) -> None:
         super().__init__(context, config if config is not None else BetaEditConfig(), projector)

@@ -37,6 +37,9 @@ class FineTune:
     `Δ = I_d · Δ` (or `Δ · I_{d_k}` when `d > d_k`); FT has no keys (`keys` is `[0, d_k]`).
     """
 
+    title = "FT"
+    paper = 'Zhu et al., "Modifying Memories in Transformer Models", 2020, arXiv:2012.00363'
+
     sequential_state: tuple[str, ...] = ()  # `commit` keeps nothing
 
     @staticmethod

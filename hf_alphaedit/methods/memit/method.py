@@ -15,6 +15,9 @@ class Memit(LocateThenEditMethod):
     `A = λ C₀ + C_p + K Kᵀ` (MEMIT_seq, §5.3); `C_p` is folded into `preserved` after each batch.
     """
 
+    title = "MEMIT"
+    paper = 'Meng et al., "Mass-Editing Memory in a Transformer", ICLR 2023, arXiv:2210.07229'
+
     def __init__(self, context: EditContext, config: MemitConfig | None = None) -> None:
         super().__init__(context, config if config is not None else MemitConfig())
         layers = context.hparams.layers

@@ -35,6 +35,9 @@ class Mend:
     parameters); the editor is checked against the model when loaded.
     """
 
+    title = "MEND"
+    paper = 'Mitchell et al., "Fast Model Editing at Scale", ICLR 2022, arXiv:2110.11309'
+
     projection: ClassVar[ProjectionSupport] = "optional"
     sequential_state: tuple[str, ...] = ()  # `commit` keeps nothing
 

@@ -38,6 +38,8 @@ from ..targets import ForwardMode, TargetOptimizer, TargetResult
 
 logger = logging.getLogger(__name__)
 
+NAS_PAPER = 'Liu et al., "Norm Anchors Make Model Edits Last", 2026, arXiv:2602.02543'
+
 SKIP_FACTOR = 2.0  # a v* longer than this many anchors is dropped instead of rescaled
 TRIM_DIVISOR = 20  # the largest floor(n / 20) norms (the reference's upper 5 %) do not enter the anchor
 _ZERO_NORM = 1e-10  # the reference's eps: a v* shorter than this has no direction to rescale along

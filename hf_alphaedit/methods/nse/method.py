@@ -32,6 +32,10 @@ class NSE(Memit):
     of all passes (`left` `[d, m]`, `right` `[m, d_k]`, `m` = requests edited summed over passes).
     """
 
+    title = "NSE"
+    paper = ('Jiang et al., "Neuron-Level Sequential Editing for Large Language Models", '
+             '2024, arXiv:2410.04045')
+
     @staticmethod
     def reference_hyperparameters(reference_file: str) -> dict[str, float]:
         """NSE's own reference value of the shared `mom2_update_weight` (`preset="reference"`, §9.1)."""

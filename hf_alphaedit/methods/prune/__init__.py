@@ -1,5 +1,5 @@
 """PRUNE: a restraint on the accumulated perturbation that composes with any method (ALGORITHMS.md §7)."""
 
-from .restraint import PruneRestraint, factored_svd, restrain_singular_values
+from .restraint import PRUNE_PAPER, PruneRestraint, factored_svd, restrain_singular_values
 
-__all__ = ["PruneRestraint", "factored_svd", "restrain_singular_values"]
+__all__ = ["PRUNE_PAPER", "PruneRestraint", "factored_svd", "restrain_singular_values"]

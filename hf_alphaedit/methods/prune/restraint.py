@@ -15,6 +15,8 @@ import torch
 
 from ...updates import LayerUpdate
 
+PRUNE_PAPER = 'Ma et al., "Perturbation-Restrained Sequential Model Editing", ICLR 2025, arXiv:2405.16821'
+
 PruneAlpha = Literal["e", "2", "1.5", "1.2", "linear"]
 RestrainAt = Literal["end", "every_batch"]
 LOG_BASES: dict[str, float] = {"e": math.e, "2": 2.0, "1.5": 1.5, "1.2": 1.2}

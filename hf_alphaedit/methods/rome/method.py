@@ -32,6 +32,9 @@ class Rome:
     of a layer stacks the factors: `left = [ρ_1 … ρ_n]` `[d, n]`, `right = [u_1 … u_n]ᵀ` `[n, d_k]`.
     """
 
+    title = "ROME"
+    paper = 'Meng et al., "Locating and Editing Factual Associations in GPT", NeurIPS 2022, arXiv:2202.05262'
+
     sequential_state: tuple[str, ...] = ()  # `commit` keeps nothing; the covariance factors are constants
 
     @staticmethod

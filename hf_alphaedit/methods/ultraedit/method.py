@@ -95,6 +95,10 @@ class UltraEdit:
     fold order); `commit` folds those into `normalizer`, so an undo or a resumed run rebuilds it bit for bit.
     """
 
+    title = "UltraEdit"
+    paper = ('Gu et al., "UltraEdit: Training-, Subject-, and Memory-Free Lifelong Editing in Large Language Models", '
+             '2025, arXiv:2505.14679')
+
     projection: ClassVar[ProjectionSupport] = "optional"
     sequential_state: tuple[str, ...] = ("normalizer",)
 
