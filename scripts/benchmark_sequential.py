@@ -3,6 +3,7 @@
     python scripts/benchmark_sequential.py [--quick] [--num_edits 1000] [--batch_size 100] [--dataset zsre]
         [--methods alphaedit,memit | all] [--eval_every 0] [--no_live] [--general_examples 100] [--output_dir DIR]
         [--figures_dir docs/benchmarks] [--mend_editor DIR_OR_REPO] [--single_edits 100]
+        [--target_memory_budget auto]
     python scripts/benchmark_sequential.py --scorer_speedup [--speedup_records 200] [--full_evaluation]
 
 A method is a registered name with optional `+projection` (AlphaEdit's null-space projection of every update,
@@ -160,6 +161,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--general_examples", type=int, default=100,
                         help="Examples per general task (the reference uses 100; 0 skips the suite).")
     parser.add_argument("--statistics_samples", type=int, default=100000)
+    parser.add_argument("--target_memory_budget", default=EditingArguments.target_memory_budget,
+                        help="EditingArguments.target_memory_budget of every run ('auto': half the free memory "
+                             "when a batch starts, so give a size such as 4GiB to run two benchmarks side by side).")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="counterfact",
                         help="CounterFact (probability comparisons, §10.2) or ZsRE (token accuracy, §10.4).")
     parser.add_argument("--records", default=None, help="Records file (default: the --dataset file in ../shared).")
@@ -312,7 +316,8 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
 def load_method(method: str, args: argparse.Namespace, batch_size: int) -> AlphaEditModel:
     """The embedded SmolLM2, set up to edit with `method` (a name with `+option` suffixes)."""
     fields, method_config = variant_arguments(method, args.mend_editor)
-    editing_args = EditingArguments(**fields, statistics_corpus=args.statistics_corpus,
+    editing_args = EditingArguments(**{"target_memory_budget": args.target_memory_budget, **fields},
+                                    statistics_corpus=args.statistics_corpus,
                                     statistics_samples=args.statistics_samples, batch_size=batch_size,
                                     disable_tqdm=True)
     return AlphaEditModel.from_pretrained(editing_args=editing_args, method_config=method_config)
