@@ -313,13 +313,20 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
             save_checkpoint(model, resume, run, keep=None if args.keep_checkpoints else 1)
 
 
-def load_method(method: str, args: argparse.Namespace, batch_size: int) -> AlphaEditModel:
-    """The embedded SmolLM2, set up to edit with `method` (a name with `+option` suffixes)."""
+def run_arguments(method: str, args: argparse.Namespace, batch_size: int) -> tuple[EditingArguments, Any]:
+    """`(EditingArguments, method config or None)` of one run of `method` (a name with `+option` suffixes); an
+    option of the variant wins over the command line's `--target_memory_budget`."""
     fields, method_config = variant_arguments(method, args.mend_editor)
     editing_args = EditingArguments(**{"target_memory_budget": args.target_memory_budget, **fields},
                                     statistics_corpus=args.statistics_corpus,
                                     statistics_samples=args.statistics_samples, batch_size=batch_size,
                                     disable_tqdm=True)
+    return editing_args, method_config
+
+
+def load_method(method: str, args: argparse.Namespace, batch_size: int) -> AlphaEditModel:
+    """The embedded SmolLM2, set up to edit with `method` (a name with `+option` suffixes)."""
+    editing_args, method_config = run_arguments(method, args, batch_size)
     return AlphaEditModel.from_pretrained(editing_args=editing_args, method_config=method_config)
 
 

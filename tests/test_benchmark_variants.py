@@ -38,6 +38,16 @@ def test_settings_go_to_editing_arguments_or_the_method_config(benchmark_script)
     assert fields == {"method": "memit", "prune": True, "mom2_update_weight": "2000"} and config is None
 
 
+def test_the_memory_budget_flag_reaches_every_run_unless_the_variant_sets_its_own(benchmark_script):
+    args = benchmark_script.parse_args(["--target_memory_budget", "4GiB"])
+    editing_args, _ = benchmark_script.run_arguments("alphaedit", args, 100)
+    assert (editing_args.target_memory_budget, editing_args.batch_size) == (str(4 * 2**30), 100)
+    editing_args, _ = benchmark_script.run_arguments("alphaedit+target_memory_budget=1GiB", args, 100)
+    assert editing_args.target_memory_budget == str(2**30)
+    editing_args, _ = benchmark_script.run_arguments("memit", benchmark_script.parse_args([]), 100)
+    assert editing_args.target_memory_budget == "auto"
+
+
 @pytest.mark.parametrize(("name", "message"), [
     ("ultraedit+learning_rate=1e-4", r"unknown option\(s\) \['learning_rate='\].*EditingArguments and UltraEditConfig"),
     ("ultraedit+lr=-1", r"UltraEditConfig\.lr"),
