@@ -3,7 +3,7 @@
     python scripts/benchmark_sequential.py [--quick] [--num_edits 1000] [--batch_size 100] [--dataset zsre]
         [--methods alphaedit,memit | all] [--eval_every 0] [--no_live] [--general_examples 100] [--output_dir DIR]
         [--figures_dir docs/benchmarks] [--mend_editor DIR_OR_REPO] [--single_edits 100]
-        [--target_memory_budget auto]
+        [--target_memory_budget auto] [--report_only]
     python scripts/benchmark_sequential.py --scorer_speedup [--speedup_records 200] [--full_evaluation]
 
 A method is a registered name with optional `+projection` (AlphaEdit's null-space projection of every update,
@@ -172,6 +172,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--extend_from", type=Path, default=None,
                         help="Output folder of a shorter run on the same records: a method with no checkpoint of its "
                              "own here starts from that run's latest checkpoint (its batches must be this run's first).")
+    parser.add_argument("--report_only", action="store_true",
+                        help="Only write results.md, results.json and the plots from the evaluations in --output_dir so "
+                             "far (a long run's progress, also while it runs): no editing, no evaluation.")
     parser.add_argument("--keep_checkpoints", action="store_true",
                         help="Keep every batch's checkpoint in <method>/resume/ (default: the latest only).")
     parser.add_argument("--general_dir", default=str(DATA / "general"))
@@ -362,6 +365,12 @@ def collect(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     return runs
 
 
+def last_results(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """`(method, its latest evaluation)` per method that has one: the final one of a finished run, the latest so far
+    of a run still going (`--report_only`)."""
+    return [(method, max(runs[method], key=lambda r: r["num_edits"])) for method in args.methods if runs[method]]
+
+
 def general_tasks(result: dict[str, Any]) -> list[str]:
     """The task names of a result's general-capability scores (not the average or the protocol card)."""
     return [t for t in result["general"] if t not in ("average", "protocol")]
@@ -391,7 +400,8 @@ def markdown_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespa
     has_score = args.dataset == "counterfact"
     headers = [f"{m} (TF / live)" for m in EDIT_METRICS] + (["score (TF / live)"] if has_score else [])
     lines = [f"Sequential editing of SmolLM2-135M-Instruct: {args.num_edits} {name} edits in batches of "
-             f"{args.batch_size}; metrics on all edited records after the last batch (percent, mean over records): "
+             f"{args.batch_size}; metrics on every record edited so far after each method's last evaluated batch (the "
+             "edits column; percent, mean over records): "
              "teacher-forced (TF) / live decoding (greedy generation).", "",
              "| method | edits | " + " | ".join(headers) + " | general F1 (avg) | edit time |",
              "|---" * (len(headers) + 4) + "|"]
@@ -413,7 +423,7 @@ def markdown_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespa
 
     if base:
         lines.append(row("unedited", base))
-    finals = [(method, r) for method in args.methods for r in runs[method] if r["num_edits"] == args.num_edits]
+    finals = last_results(runs, args)
     lines += [row(method, result) for method, result in finals]
     if finals:
         lines += ["", protocol_summary(finals[0][1], base)]
@@ -541,7 +551,8 @@ def plot(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> Non
     plt.close(figure)
 
     finals = [("unedited", base)] if base else []
-    finals += [(m, r) for m in args.methods for r in runs[m] if r["num_edits"] == args.num_edits]
+    finals += [(m if r["num_edits"] == args.num_edits else f"{m} ({r['num_edits']} edits)", r)
+               for m, r in last_results(runs, args)]
     bars = [(f"{metric}{suffix}", lambda r, key=key: r["edit_metrics"].get(key, 0.0))
             for keys, suffix in ((teacher, ""), (live, " (live)")) for metric, key in zip(EDIT_METRICS, keys,
                                                                                        strict=True)]
@@ -726,14 +737,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     records = load_edit_records(args.records, limit=args.num_edits)
     base_path = checkpoint_path(args.output_dir, "base", 0)
-    if not base_path.exists():
+    if not base_path.exists() and not args.report_only:
         model = AlphaEditModel.from_pretrained()
         before = {"schedule": {"timing": "before editing", "records": f"the first {len(records)} records of the "
                                "file: every record the methods edit"}}
         write_json(base_path, {"method": "unedited", **evaluate_checkpoint(model, len(records), args, general=True,
                                                                            protocol=before)})
         del model
-    for method in args.methods:
+    for method in [] if args.report_only else args.methods:
         run_method(method, records, args)
         if args.single_edits:
             run_single_edits(method, records[:args.single_edits], args)

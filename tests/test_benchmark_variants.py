@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,26 @@ def test_the_tables_protocol_sentence_names_the_unedited_weights_not_the_first_m
     sentence = benchmark_script.protocol_summary(result("b" * 64), result("a" * 64))
     assert "unedited weights `aaaaaaaaaaaa…`" in sentence and "bbbb" not in sentence
     assert "weights" not in benchmark_script.protocol_summary(result("b" * 64), None).split(";")[0]
+
+
+def test_report_only_tables_a_run_in_progress_at_its_latest_evaluation(benchmark_script, shared_data, tmp_path):
+    """`--report_only` on the evaluations of the 1,500-edit MEMIT run (docs/benchmarks) with MEMIT's last one removed,
+    as while the run goes on: no model is loaded, MEMIT's row is its 1,000-edit point, AlphaEdit's its final one."""
+    docs = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "lifelong_1500_memit"
+    saved = json.loads((docs / "results.json").read_text())
+    memit = "memit+mom2_update_weight=2000+clamp_norm_factor=0.5"
+    for method, results in saved["runs"].items():
+        for result in results:
+            if (method, result["num_edits"]) != (memit, 1500):
+                benchmark_script.write_json(benchmark_script.checkpoint_path(tmp_path, method, result["num_edits"]),
+                                            result)
+    (tmp_path / memit / "telemetry.json").write_text((docs / "memit_telemetry.json").read_text())
+    benchmark_script.main(["--report_only", "--num_edits", "1500", "--no_live", "--methods", f"alphaedit,{memit}",
+                           "--output_dir", str(tmp_path),
+                           "--records", str(shared_data / "counterfact" / "counterfact-edit.json")])
+    table = (tmp_path / "results.md").read_text()
+    assert "| alphaedit | 1500 | 93.0 / – | 80.1 / – | 61.4 / – |" in table
+    assert f"| {memit} | 1000 | 88.1 / – | 79.7 / – | 59.4 / – |" in table
+    assert f"| {memit} | 1500 |" not in table
+    assert {"results.json", "metrics_vs_edits.png", "comparison.png", "telemetry.png", "retention.png"} <= {
+        path.name for path in tmp_path.iterdir()}
