@@ -22,7 +22,9 @@ and nse (and any other registered method; `mend` only with `--mend_editor`). `me
 boosted variants.
 
 Editing: the first `num_edits` records of `--dataset` (CounterFact, or ZsRE edited towards `answers[0]` as the
-official code does), in file order and consecutive batches of `batch_size`, applied sequentially to one model per
+official code does), in file order and consecutive batches of `batch_size` (except that a record asking for another
+target for a subject and template its batch already has trades places with the next batch's first record, which the
+run prints and `results.md` names: the engine refuses a contradictory batch), applied sequentially to one model per
 method, with key statistics from WikiText-2. After all batches (and every `eval_every` batches) the records edited
 so far are evaluated with `AlphaEditModel.evaluate`: the teacher-forced metrics (CounterFact efficacy /
 generalization / specificity §10.2, or ZsRE token accuracy §10.4) and, beside them, the live-decoding ones (the
@@ -325,6 +327,34 @@ def run_arguments(method: str, args: argparse.Namespace, batch_size: int) -> tup
                                     statistics_samples=args.statistics_samples, batch_size=batch_size,
                                     disable_tqdm=True)
     return editing_args, method_config
+
+
+def separate_conflicts(records: list[dict], batch_size: int) -> tuple[list[dict], list[str]]:
+    """`records` in file order, except that a record wanting another target for a subject and template that its batch
+    already has (a batch the engine refuses as contradictory; CounterFact has two such pairs in its first 10,000
+    edit records) trades places with the first record of a later batch that fits; and one line per such move."""
+    def fits(request: Any, targets: dict[tuple[str, str], str]) -> bool:
+        return targets.get((request.prompt, request.subject), request.target_new) == request.target_new
+
+    records = list(records)
+    requests = as_edit_requests(records, batch_size=1)
+    moves = []
+    for start in range(0, len(records), batch_size):
+        end = min(start + batch_size, len(records))
+        targets: dict[tuple[str, str], str] = {}
+        for index in range(start, end):
+            if not fits(requests[index], targets):
+                partner = next((j for j in range(end, len(records)) if fits(requests[j], targets)), None)
+                if partner is None:
+                    raise SystemExit(f"record {index} (case_id {requests[index].case_id}) conflicts with another "
+                                     "record of its batch and no later record can take its place; drop one of them.")
+                moves.append(f"case_id {requests[index].case_id} (conflicting target for subject "
+                             f"{requests[index].subject!r}) moved from position {index} to {partner}, case_id "
+                             f"{requests[partner].case_id} from {partner} to {index}")
+                for sequence in (records, requests):
+                    sequence[index], sequence[partner] = sequence[partner], sequence[index]
+            targets.setdefault((requests[index].prompt, requests[index].subject), requests[index].target_new)
+    return records, moves
 
 
 def load_method(method: str, args: argparse.Namespace, batch_size: int) -> AlphaEditModel:
@@ -735,7 +765,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.scorer_speedup:
         scorer_speedup(args)
         return
-    records = load_edit_records(args.records, limit=args.num_edits)
+    records, moves = separate_conflicts(load_edit_records(args.records, limit=args.num_edits), args.batch_size)
+    for move in moves:
+        print(f"batches: {move}", flush=True)
     base_path = checkpoint_path(args.output_dir, "base", 0)
     if not base_path.exists() and not args.report_only:
         model = AlphaEditModel.from_pretrained()
@@ -750,8 +782,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_single_edits(method, records[:args.single_edits], args)
     runs = collect(args)
     write_json(args.output_dir / "results.json", {"args": {k: portable(v) for k, v in vars(args).items()},
-                                                  "runs": runs})
+                                                  "batch_order_moves": moves, "runs": runs})
     table = markdown_table(runs, args)
+    if moves:
+        table += ("\nBatch order: file order except " + "; ".join(moves) + " (a batch with two targets for one subject "
+                  "and template is refused by the engine).\n")
     (args.output_dir / "results.md").write_text(table)
     plot(runs, args)
     if args.figures_dir:

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from hf_alphaedit import AlphaEditModel, EditingArguments
+from hf_alphaedit.evaluation import load_edit_records
 from hf_alphaedit.hub import ModelSource
 from hf_alphaedit.methods.ultraedit import UltraEditConfig
+from hf_alphaedit.requests import EditRequestError, as_edit_requests
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_sequential.py"
@@ -127,3 +129,17 @@ def test_report_only_tables_a_run_in_progress_at_its_latest_evaluation(benchmark
     assert f"| {memit} | 1500 |" not in table
     assert {"results.json", "metrics_vs_edits.png", "comparison.png", "telemetry.png", "retention.png"} <= {
         path.name for path in tmp_path.iterdir()}
+
+
+def test_a_record_that_contradicts_its_batch_trades_places_with_the_next_batchs_first(benchmark_script, shared_data):
+    """CounterFact's edit records ask twice, within one batch of 100, for another twin city of Warsaw and of Algiers:
+    the engine refuses such a batch, so the benchmark moves the later record to the next batch and nothing else."""
+    records = load_edit_records(shared_data / "counterfact" / "counterfact-edit.json")
+    with pytest.raises(EditRequestError, match="conflicting targets 'Valencia' and 'Cairo' for subject 'Warsaw'"):
+        as_edit_requests(records, batch_size=100)
+    reordered, moves = benchmark_script.separate_conflicts(records, 100)
+    as_edit_requests(reordered, batch_size=100)  # no batch contradicts itself any more
+    changed = {index for index, (old, new) in enumerate(zip(records, reordered, strict=True)) if old is not new}
+    assert changed == {3044, 3100, 9675, 9700} and len(moves) == 2
+    assert (reordered[3044], reordered[3100]) == (records[3100], records[3044])
+    assert reordered[:1500] == records[:1500]  # the runs extended from 1,500 edits keep their batches
