@@ -451,9 +451,10 @@ def markdown_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespa
         return (f"| {label} | {result['num_edits']} | " + " | ".join(cells) + f" | {general_cell} | "
                 + (f"{seconds:.0f} s ({seconds / result['num_edits']:.2f} s/edit) |" if seconds else "– |"))
 
-    if base:
-        lines.append(row("unedited", base))
     finals = last_results(runs, args)
+    if base:  # the unedited model is scored on every record of the run, a run still going on fewer so far
+        partial = any(result["num_edits"] != args.num_edits for _, result in finals)
+        lines.append(row(f"unedited (all {args.num_edits} records)" if partial else "unedited", base))
     lines += [row(method, result) for method, result in finals]
     if finals:
         lines += ["", protocol_summary(finals[0][1], base)]

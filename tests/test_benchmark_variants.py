@@ -126,7 +126,7 @@ def test_report_only_tables_a_run_in_progress_at_its_latest_evaluation(benchmark
     table = (tmp_path / "results.md").read_text()
     assert "| alphaedit | 1500 | 93.0 / – | 80.1 / – | 61.4 / – |" in table
     assert f"| {memit} | 1000 | 88.1 / – | 79.7 / – | 59.4 / – |" in table
-    assert f"| {memit} | 1500 |" not in table
+    assert f"| {memit} | 1500 |" not in table and "| unedited (all 1500 records) | 0 | 31.8 / – |" in table
     assert {"results.json", "metrics_vs_edits.png", "comparison.png", "telemetry.png", "retention.png"} <= {
         path.name for path in tmp_path.iterdir()}
 
