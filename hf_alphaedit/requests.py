@@ -552,14 +552,18 @@ def _consistency_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
     return problems
 
 
+def contradicts(request: EditRequest, other: EditRequest) -> bool:
+    """Whether the two requests may not share a batch: the same template and subject, different `target_new`."""
+    return (request.prompt, request.subject) == (other.prompt, other.subject) and request.target_new != other.target_new
+
+
 def _conflicts(requests: Sequence[tuple[int, EditRequest]]) -> list[str]:
-    """One line per request that wants a different `target_new` than the first with its template and subject."""
+    """One line per request that contradicts the first with its template and subject."""
     first: dict[tuple[str, str], tuple[int, EditRequest]] = {}
     problems = []
     for index, request in requests:
-        key = (request.prompt, request.subject)
-        first_index, first_request = first.setdefault(key, (index, request))
-        if request.target_new != first_request.target_new:
+        first_index, first_request = first.setdefault((request.prompt, request.subject), (index, request))
+        if contradicts(request, first_request):
             problems.append(
                 f"{_where(first_index, first_request.case_id)} and {_where(index, request.case_id)}: "
                 f"field 'target_new': conflicting targets {first_request.target_new!r} and {request.target_new!r} "

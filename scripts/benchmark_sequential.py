@@ -87,7 +87,7 @@ from hf_alphaedit.evaluation.scorer import encode_prompt, encode_target, inferen
 from hf_alphaedit.forward import right_pad
 from hf_alphaedit.methods import MethodConfig, get_method_classes
 from hf_alphaedit.metrics.summaries import harmonic_mean
-from hf_alphaedit.requests import as_edit_requests
+from hf_alphaedit.requests import EditRequest, as_edit_requests, contradicts
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -333,18 +333,18 @@ def separate_conflicts(records: list[dict], batch_size: int) -> tuple[list[dict]
     """`records` in file order, except that a record wanting another target for a subject and template that its batch
     already has (a batch the engine refuses as contradictory; CounterFact has two such pairs in its first 10,000
     edit records) trades places with the first record of a later batch that fits; and one line per such move."""
-    def fits(request: Any, targets: dict[tuple[str, str], str]) -> bool:
-        return targets.get((request.prompt, request.subject), request.target_new) == request.target_new
+    def fits(request: EditRequest, placed: Sequence[EditRequest]) -> bool:
+        return not any(contradicts(request, other) for other in placed)
 
     records = list(records)
     requests = as_edit_requests(records, batch_size=1)
     moves = []
     for start in range(0, len(records), batch_size):
         end = min(start + batch_size, len(records))
-        targets: dict[tuple[str, str], str] = {}
         for index in range(start, end):
-            if not fits(requests[index], targets):
-                partner = next((j for j in range(end, len(records)) if fits(requests[j], targets)), None)
+            placed = requests[start:index]
+            if not fits(requests[index], placed):
+                partner = next((j for j in range(end, len(records)) if fits(requests[j], placed)), None)
                 if partner is None:
                     raise SystemExit(f"record {index} (case_id {requests[index].case_id}) conflicts with another "
                                      "record of its batch and no later record can take its place; drop one of them.")
@@ -353,7 +353,6 @@ def separate_conflicts(records: list[dict], batch_size: int) -> tuple[list[dict]
                              f"{requests[partner].case_id} from {partner} to {index}")
                 for sequence in (records, requests):
                     sequence[index], sequence[partner] = sequence[partner], sequence[index]
-            targets.setdefault((requests[index].prompt, requests[index].subject), requests[index].target_new)
     return records, moves
 
 
