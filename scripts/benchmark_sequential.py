@@ -3,7 +3,7 @@
     python scripts/benchmark_sequential.py [--quick] [--num_edits 1000] [--batch_size 100] [--dataset zsre]
         [--methods alphaedit,memit | all] [--eval_every 0] [--no_live] [--general_examples 100] [--output_dir DIR]
         [--figures_dir docs/benchmarks] [--mend_editor DIR_OR_REPO] [--single_edits 100]
-        [--target_memory_budget auto] [--report_only]
+        [--target_memory_budget auto] [--report_only] [--general_every_eval]
     python scripts/benchmark_sequential.py --scorer_speedup [--speedup_records 200] [--full_evaluation]
 
 A method is a registered name with optional `+projection` (AlphaEdit's null-space projection of every update,
@@ -29,7 +29,7 @@ method, with key statistics from WikiText-2. After all batches (and every `eval_
 so far are evaluated with `AlphaEditModel.evaluate`: the teacher-forced metrics (CounterFact efficacy /
 generalization / specificity §10.2, or ZsRE token accuracy §10.4) and, beside them, the live-decoding ones (the
 model generates the answer greedily; `live_accuracy` metric card); the general-capability suite (§10.7) runs on
-the unedited model and after the last batch. Every result carries its protocol card (model and the SHA-256 of its
+the unedited model and after the last batch (`--general_every_eval`: at every evaluation). Every result carries its protocol card (model and the SHA-256 of its
 weights, records and their hash, edit history, when it was measured, metric families, package version).
 Writes into the output folder: `base/edits_0000.json`, `<method>/edits_NNNN.json` (one atomic file per evaluation;
 existing ones are skipped on a rerun, and `<method>/resume/` holds a `hf_alphaedit.checkpointing` checkpoint after
@@ -162,6 +162,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="Also evaluate every k batches (0: only after all edits, as the paper).")
     parser.add_argument("--general_examples", type=int, default=100,
                         help="Examples per general task (the reference uses 100; 0 skips the suite).")
+    parser.add_argument("--general_every_eval", action="store_true",
+                        help="Run the general suite at every evaluation, not only after the last batch; a run "
+                             "resumed at an evaluation point whose result lacks the suite adds it there.")
     parser.add_argument("--statistics_samples", type=int, default=100000)
     parser.add_argument("--target_memory_budget", default=EditingArguments.target_memory_budget,
                         help="EditingArguments.target_memory_budget of every run ('auto': half the free memory "
@@ -266,12 +269,16 @@ def evaluate_checkpoint(model: AlphaEditModel, edited: int, args: argparse.Names
                             **summarize_record_scores(scores[start : start + args.batch_size])}
                            for start in range(0, edited, args.batch_size)]
     if general and args.general_examples > 0:
-        start = time.perf_counter()
-        result["general"] = evaluate_general(model.model, model.tokenizer, args.general_dir,
-                                             num_examples=args.general_examples,
-                                             protocol=editor_protocol(model.source, model.state))
-        result["general_seconds"] = time.perf_counter() - start
+        result.update(general_suite(model, args))
     return result
+
+
+def general_suite(model: AlphaEditModel, args: argparse.Namespace) -> dict[str, Any]:
+    """`{"general": scores with their protocol card, "general_seconds": …}` of the model as it is now."""
+    start = time.perf_counter()
+    scores = evaluate_general(model.model, model.tokenizer, args.general_dir, num_examples=args.general_examples,
+                              protocol=editor_protocol(model.source, model.state))
+    return {"general": scores, "general_seconds": time.perf_counter() - start}
 
 
 def run_method(method: str, records: list[dict], args: argparse.Namespace) -> None:
@@ -294,28 +301,46 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
         restore_checkpoint(model, load_checkpoint(saved), run, requests)
         print(f"[{method}] resuming after {model.state.num_edits} edits ({saved})")
     edit_seconds = sum(sum(b.timings.values()) for b in model.state.batches)
+    if model.state.batches and len(model.state.batches) in checkpoints:
+        evaluate_point(model, method, len(model.state.batches), num_batches, len(records), edit_seconds, args)
     for batch in range(len(model.state.batches) + 1, num_batches + 1):
         chunk = records[(batch - 1) * args.batch_size : batch * args.batch_size]
         result = model.edit(chunk, batch_size=args.batch_size)
         edit_seconds += result.seconds
-        edited = min(batch * args.batch_size, len(records))
         print(f"[{method}] batch {batch}/{num_batches}: {result.seconds:.0f}s ({edit_seconds:.0f}s so far)", flush=True)
-        path = checkpoint_path(args.output_dir, method, edited)
-        if batch in checkpoints and not path.exists():
-            result_dict = evaluate_checkpoint(model, edited, args, general=batch == num_batches,
-                                              protocol={"schedule": schedule(args, num_batches, edited)})
-            result_dict.update(method=method, batch_size=args.batch_size, edit_seconds=edit_seconds)
-            write_json(path, result_dict)
-            metrics = result_dict["edit_metrics"]
-            print(f"[{method}] {edited} edits: " + ", ".join(
-                f"{m} {metrics[m]:.1f}" for m in metric_names(args.dataset, "teacher_forced")
-                + (metric_names(args.dataset, "live") if args.live else [])), flush=True)
+        if batch in checkpoints:
+            evaluate_point(model, method, batch, num_batches, len(records), edit_seconds, args)
         edits_after = itertools.accumulate(len(record.requests) for record in model.state.batches)
         write_json(telemetry_path(args.output_dir, method), [
             {"batch": record.index, "num_edits": edits, **record.telemetry}
             for record, edits in zip(model.state.batches, edits_after, strict=True)])
         if batch != num_batches or args.keep_checkpoints:
             save_checkpoint(model, resume, run, keep=None if args.keep_checkpoints else 1)
+
+
+def evaluate_point(model: AlphaEditModel, method: str, batch: int, num_batches: int, num_records: int,
+                   edit_seconds: float, args: argparse.Namespace) -> None:
+    """Write the evaluation after `batch` batches unless it exists; the general suite after the last batch (or at
+    every evaluation with `--general_every_eval`), added to an existing evaluation that lacks it."""
+    edited = min(batch * args.batch_size, num_records)
+    path = checkpoint_path(args.output_dir, method, edited)
+    general = (batch == num_batches or args.general_every_eval) and args.general_examples > 0
+    if path.exists():
+        existing = json.loads(path.read_text())
+        if general and "general" not in existing:
+            existing.update(general_suite(model, args))
+            write_json(path, existing)
+            print(f"[{method}] {edited} edits: general suite added, mean accuracy "
+                  f"{existing['general']['average']['accuracy']:.2f}", flush=True)
+        return
+    result = evaluate_checkpoint(model, edited, args, general=general,
+                                 protocol={"schedule": schedule(args, num_batches, edited)})
+    result.update(method=method, batch_size=args.batch_size, edit_seconds=edit_seconds)
+    write_json(path, result)
+    metrics = result["edit_metrics"]
+    print(f"[{method}] {edited} edits: " + ", ".join(
+        f"{m} {metrics[m]:.1f}" for m in metric_names(args.dataset, "teacher_forced")
+        + (metric_names(args.dataset, "live") if args.live else [])), flush=True)
 
 
 def run_arguments(method: str, args: argparse.Namespace, batch_size: int) -> tuple[EditingArguments, Any]:

@@ -143,3 +143,58 @@ def test_a_record_that_contradicts_its_batch_trades_places_with_the_next_batchs_
     assert changed == {3044, 3100, 9675, 9700} and len(moves) == 2
     assert (reordered[3044], reordered[3100]) == (records[3100], records[3044])
     assert reordered[:1500] == records[:1500]  # the runs extended from 1,500 edits keep their batches
+
+
+def test_a_run_resumed_at_an_evaluation_without_the_general_suite_adds_it_as_if_run_then(benchmark_script, shared_data,
+                                                                                          corpus, tmp_path,
+                                                                                          monkeypatch):
+    """The 10,000-edit runs evaluate the general suite only at the end; `--general_every_eval` on a resumed run adds
+    it to the evaluation point the run resumes at (from that point's checkpoint), with the scores a run that had the
+    flag from the start wrote there, and leaves the edit metrics as they were."""
+    from tests.test_engine import _args, _scaled_model
+
+    class Interrupted(Exception):
+        pass
+
+    def loader(stop_after: int | None):
+        def load_method(method, args, batch_size):
+            editor = AlphaEditModel(_scaled_model(), tiny_tokenizer(),
+                                    _args(corpus, layers=[1, 2], method=method, batch_size=batch_size))
+            edit, done = editor.edit, []
+
+            def edit_until_interrupted(*args, **kwargs):
+                if stop_after is not None and len(done) == stop_after:
+                    raise Interrupted
+                done.append(True)
+                return edit(*args, **kwargs)
+
+            editor.edit = edit_until_interrupted
+            return editor
+        return load_method
+
+    records = load_edit_records(shared_data / "counterfact" / "counterfact-edit.json", limit=4)
+
+    def run(output_dir: Path, *flags: str) -> None:
+        args = benchmark_script.parse_args(["--num_edits", "4", "--batch_size", "2", "--eval_every", "1", "--no_live",
+                                            "--general_examples", "4", "--general_dir", str(shared_data / "general"),
+                                            "--records", str(shared_data / "counterfact" / "counterfact-edit.json"),
+                                            "--output_dir", str(output_dir), "--methods", "alphaedit", *flags])
+        benchmark_script.run_method("alphaedit", records, args)
+
+    def point(output_dir: Path, edits: int) -> dict:
+        return json.loads(benchmark_script.checkpoint_path(output_dir, "alphaedit", edits).read_text())
+
+    monkeypatch.setattr(benchmark_script, "load_method", loader(stop_after=1))
+    with pytest.raises(Interrupted):
+        run(tmp_path / "resumed")
+    before = point(tmp_path / "resumed", 2)
+    assert "general" not in before
+    monkeypatch.setattr(benchmark_script, "load_method", loader(stop_after=None))
+    run(tmp_path / "resumed", "--general_every_eval")
+    run(tmp_path / "from_the_start", "--general_every_eval")
+    resumed, reference = point(tmp_path / "resumed", 2), point(tmp_path / "from_the_start", 2)
+    assert resumed["edit_metrics"] == before["edit_metrics"]
+    for task in benchmark_script.general_tasks(reference):
+        assert resumed["general"][task]["f1"] == reference["general"][task]["f1"], task
+    assert resumed["general"]["protocol"]["editing"] == reference["general"]["protocol"]["editing"]
+    assert "general" in point(tmp_path / "resumed", 4)
