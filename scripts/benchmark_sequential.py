@@ -29,8 +29,9 @@ method, with key statistics from WikiText-2. After all batches (and every `eval_
 so far are evaluated with `AlphaEditModel.evaluate`: the teacher-forced metrics (CounterFact efficacy /
 generalization / specificity §10.2, or ZsRE token accuracy §10.4) and, beside them, the live-decoding ones (the
 model generates the answer greedily; `live_accuracy` metric card); the general-capability suite (§10.7) runs on
-the unedited model and after the last batch (`--general_every_eval`: at every evaluation). Every result carries its protocol card (model and the SHA-256 of its
-weights, records and their hash, edit history, when it was measured, metric families, package version).
+the unedited model and after the last batch (`--general_every_eval`: at every evaluation). Every result carries its
+protocol card (model and the SHA-256 of its weights, records and their hash, edit history, when it was measured,
+metric families, package version).
 Writes into the output folder: `base/edits_0000.json`, `<method>/edits_NNNN.json` (one atomic file per evaluation;
 existing ones are skipped on a rerun, and `<method>/resume/` holds a `hf_alphaedit.checkpointing` checkpoint after
 the last finished batch, so a run continues there; `--keep_checkpoints` keeps every batch's, to restore and evaluate
