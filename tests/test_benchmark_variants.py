@@ -1,5 +1,6 @@
 """`scripts/benchmark_sequential.py`: the `--methods` variants of the calibration runs reach the right dataclass,
-typed, and a typo stops the run before any editing; every protocol card of a checkpoint names the same model."""
+typed, and a typo stops the run before any editing; every protocol card of a checkpoint names the same model; a
+resumed run completes the evaluation it resumes at."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from hf_alphaedit.evaluation import load_edit_records
 from hf_alphaedit.hub import ModelSource
 from hf_alphaedit.methods.ultraedit import UltraEditConfig
 from hf_alphaedit.requests import EditRequestError, as_edit_requests
+from tests.test_engine import _args, _scaled_model
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_sequential.py"
@@ -151,8 +153,6 @@ def test_a_run_resumed_at_an_evaluation_without_the_general_suite_adds_it_as_if_
     """The 10,000-edit runs evaluate the general suite only at the end; `--general_every_eval` on a resumed run adds
     it to the evaluation point the run resumes at (from that point's checkpoint), with the scores a run that had the
     flag from the start wrote there, and leaves the edit metrics as they were."""
-    from tests.test_engine import _args, _scaled_model
-
     class Interrupted(Exception):
         pass
 
