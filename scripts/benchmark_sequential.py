@@ -42,7 +42,9 @@ edit: the calibration curve), and per method `<method>/telemetry.json` (every ba
 `‖W‖/‖W₀‖`, `‖ΔW‖`, the condition number of each solve, the null-space room left, the target norms) plotted in
 `telemetry.png`. Every evaluation also scores each batch's records alone (`retention` in its JSON, from the same
 per-record scores, so it costs nothing extra): the oldest batches show what is forgotten, the newest how well new
-edits are written; tabled in `results.md` and plotted in `retention.png`.
+edits are written; tabled in `results.md` and plotted in `retention.png`. `results.md` also marks each CounterFact
+evaluation met or missed per metric against the lifelong-editing goal (`GOAL_FLOORS`, `GOAL_MAX_LOSS`; specificity
+against the unedited model on the same records).
 
 `--single_edits N` also edits each of the first N records alone into the unedited model (edit, evaluate that
 record, revert), per method, so the collapse of sequential editing shows against what one edit achieves; written to
@@ -95,6 +97,10 @@ DATA = ROOT.parent / "shared" / "data"
 DATASETS = {"counterfact": DATA / "counterfact" / "counterfact-edit.json",
             "zsre": DATA / "zsre" / "zsre_mend_train-1k.json"}
 EDIT_METRICS = ("efficacy", "generalization", "specificity")
+# The lifelong-editing goal (README, "Lifelong editing"): floors on CounterFact's edit metrics, and the most points
+# specificity and the general suite's mean accuracy may lose against the unedited model on the same records.
+GOAL_FLOORS = {"efficacy": 95.0, "generalization": 80.0}
+GOAL_MAX_LOSS = {"specificity": 5.0, "general accuracy": 2.0}
 COMPARISON = ("alphaedit", "memit", "memit+projection", "memit+prune", "alphaedit+prune", "rome", "ft+unconstrained",
               "nse")
 # option -> (EditingArguments fields, method config fields)
@@ -493,6 +499,7 @@ def markdown_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespa
             mean = single["mean"]
             lines.append(f"| {method} | {single['num_records']} | " + " | ".join(f"{mean[m]:.1f}" for m in EDIT_METRICS)
                          + f" | {mean['score']:.1f} | {single['edit_seconds'] / single['num_records']:.2f} s |")
+    lines += goal_table(runs, args)
     lines += retention_table(runs, args)
     if base and "general" in base:
         tasks = general_tasks(base)
@@ -502,6 +509,52 @@ def markdown_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespa
         for label, result in [("unedited", base)] + [(m, r) for m, r in finals if "general" in r]:
             lines.append(f"| {label} | " + " | ".join(f"{result['general'][t]['f1']:.3f}" for t in tasks) + " |")
     return "\n".join(lines) + "\n"
+
+
+def goal_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> list[str]:
+    """Markdown lines: every CounterFact evaluation of every method against the lifelong-editing goal (`GOAL_FLOORS`,
+    `GOAL_MAX_LOSS`), each metric marked met or missed; specificity is compared with the unedited model's on the same
+    records (from the unedited evaluation's per-batch scores), the general suite's mean accuracy with the unedited
+    model's. Empty without an unedited evaluation that has per-batch scores."""
+    base = next((result for result in runs["base"] if "retention" in result), None)
+    if args.dataset != "counterfact" or base is None:
+        return []
+
+    def unedited_specificity(edited: int) -> float | None:
+        entries = [entry for entry in base["retention"] if entry["records"][1] <= edited]
+        if sum(entry["num_records"] for entry in entries) != edited:
+            return None
+        return sum(entry["specificity"] * entry["num_records"] for entry in entries) / edited
+
+    def mark(met: bool) -> str:
+        return "✓" if met else "✗"
+
+    def loss_cell(value: float, unedited: float, max_loss: float) -> str:
+        change = f"{value - unedited:+.2f}".replace("-", "−")
+        return f"{value:.2f} ({change}) {mark(value - unedited >= -max_loss)}"
+
+    unedited_accuracy = base.get("general", {}).get("average", {}).get("accuracy")
+    floors = " · ".join(f"{name} ≥ {floor:g}" for name, floor in GOAL_FLOORS.items())
+    losses = " · ".join(f"{name} within {loss:g} points" for name, loss in GOAL_MAX_LOSS.items())
+    lines = ["", f"Against the lifelong-editing goal ({floors} · {losses} of the unedited model; ✓ met, ✗ missed; "
+             "specificity against the unedited model on the same records, general mean accuracy against the "
+             "unedited model's):", "",
+             "| method | edits | " + " | ".join(f"{name} ≥ {floor:g}" for name, floor in GOAL_FLOORS.items())
+             + " | " + " | ".join(f"{name} within {loss:g}" for name, loss in GOAL_MAX_LOSS.items()) + " |",
+             "|---" * (len(GOAL_FLOORS) + len(GOAL_MAX_LOSS) + 2) + "|"]
+    for method in args.methods:
+        for result in sorted(runs[method], key=lambda r: r["num_edits"]):
+            metrics = result["edit_metrics"]
+            edited = metrics["num_records"]
+            cells = [f"{metrics[name]:.1f} {mark(metrics[name] >= floor)}" for name, floor in GOAL_FLOORS.items()]
+            specificity = unedited_specificity(edited)
+            cells.append("–" if specificity is None else
+                         loss_cell(metrics["specificity"], specificity, GOAL_MAX_LOSS["specificity"]))
+            accuracy = result.get("general", {}).get("average", {}).get("accuracy")
+            cells.append("–" if accuracy is None or unedited_accuracy is None else
+                         loss_cell(accuracy, unedited_accuracy, GOAL_MAX_LOSS["general accuracy"]))
+            lines.append(f"| {method} | {result['num_edits']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def retention_groups(retention: list[dict[str, Any]], groups: int = 10) -> list[list[dict[str, Any]]]:
