@@ -511,6 +511,20 @@ def markdown_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespa
     return "\n".join(lines) + "\n"
 
 
+def unedited_on_first(base: dict[str, Any], edited: int, metric: str) -> float | None:
+    """The unedited model's `metric` on the first `edited` records (the mean of its per-batch scores, weighted by
+    records), or None when its per-batch scores do not cover exactly those records."""
+    entries = [entry for entry in base.get("retention", []) if entry["records"][1] <= edited]
+    if not entries or sum(entry["num_records"] for entry in entries) != edited:
+        return None
+    return sum(entry[metric] * entry["num_records"] for entry in entries) / edited
+
+
+def general_accuracy(result: dict[str, Any]) -> float | None:
+    """The general suite's mean accuracy of an evaluation, None where it did not run."""
+    return result.get("general", {}).get("average", {}).get("accuracy")
+
+
 def goal_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> list[str]:
     """Markdown lines: every CounterFact evaluation of every method against the lifelong-editing goal (`GOAL_FLOORS`,
     `GOAL_MAX_LOSS`), each metric marked met or missed; specificity is compared with the unedited model's on the same
@@ -520,12 +534,6 @@ def goal_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) 
     if args.dataset != "counterfact" or base is None:
         return []
 
-    def unedited_specificity(edited: int) -> float | None:
-        entries = [entry for entry in base["retention"] if entry["records"][1] <= edited]
-        if sum(entry["num_records"] for entry in entries) != edited:
-            return None
-        return sum(entry["specificity"] * entry["num_records"] for entry in entries) / edited
-
     def mark(met: bool) -> str:
         return "✓" if met else "✗"
 
@@ -533,7 +541,7 @@ def goal_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) 
         change = f"{value - unedited:+.2f}".replace("-", "−")
         return f"{value:.2f} ({change}) {mark(value - unedited >= -max_loss)}"
 
-    unedited_accuracy = base.get("general", {}).get("average", {}).get("accuracy")
+    unedited_accuracy = general_accuracy(base)
     floors = " · ".join(f"{name} ≥ {floor:g}" for name, floor in GOAL_FLOORS.items())
     losses = " · ".join(f"{name} within {loss:g} points" for name, loss in GOAL_MAX_LOSS.items())
     lines = ["", f"Against the lifelong-editing goal ({floors} · {losses} of the unedited model; ✓ met, ✗ missed; "
@@ -547,10 +555,10 @@ def goal_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) 
             metrics = result["edit_metrics"]
             edited = metrics["num_records"]
             cells = [f"{metrics[name]:.1f} {mark(metrics[name] >= floor)}" for name, floor in GOAL_FLOORS.items()]
-            specificity = unedited_specificity(edited)
+            specificity = unedited_on_first(base, edited, "specificity")
             cells.append("–" if specificity is None else
                          loss_cell(metrics["specificity"], specificity, GOAL_MAX_LOSS["specificity"]))
-            accuracy = result.get("general", {}).get("average", {}).get("accuracy")
+            accuracy = general_accuracy(result)
             cells.append("–" if accuracy is None or unedited_accuracy is None else
                          loss_cell(accuracy, unedited_accuracy, GOAL_MAX_LOSS["general accuracy"]))
             lines.append(f"| {method} | {result['num_edits']} | " + " | ".join(cells) + " |")
@@ -635,10 +643,13 @@ def plot(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> Non
     import matplotlib.pyplot as plt
 
     teacher, live = metric_names(args.dataset, "teacher_forced"), metric_names(args.dataset, "live")
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     base = runs["base"][0] if runs["base"] else None
+    with_general = base is not None and general_accuracy(base) is not None
+    goal = args.dataset == "counterfact"  # the lifelong goal's lines (GOAL_FLOORS, GOAL_MAX_LOSS), dotted green
+    figure, axes = plt.subplots(1, 3 + with_general, figsize=(4.4 * (3 + with_general), 3.8), sharex=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for axis, metric, tf_key, live_key in zip(axes, EDIT_METRICS, teacher, live, strict=True):
+    evaluated = sorted({r["num_edits"] for method in args.methods for r in runs[method]})
+    for axis, metric, tf_key, live_key in zip(axes[:3], EDIT_METRICS, teacher, live, strict=True):
         for index, method in enumerate(args.methods):
             color = colors[index % len(colors)]
             for key, style, marker, label in ((tf_key, "-", "o", method), (live_key, "--", "s", f"{method} (live)")):
@@ -651,8 +662,30 @@ def plot(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> Non
                 if key in base["edit_metrics"]:
                     axis.axhline(base["edit_metrics"][key], color="grey", linestyle=style,
                                  label="unedited" + (" (live)" if key == live_key else ""))
+            same_records = [(edits, value) for edits in evaluated
+                            if (value := unedited_on_first(base, edits, tf_key)) is not None]
+            if same_records:
+                axis.plot(*zip(*same_records, strict=True), color="grey", marker=".",
+                          label="unedited, on the records edited so far")
+            if goal and metric in GOAL_MAX_LOSS and same_records:
+                axis.plot(*zip(*[(edits, value - GOAL_MAX_LOSS[metric]) for edits, value in same_records],
+                               strict=True), color="green", linestyle=":", label="goal")
+        if goal and metric in GOAL_FLOORS:
+            axis.axhline(GOAL_FLOORS[metric], color="green", linestyle=":", label="goal")
         axis.set(title=f"{metric} (solid: teacher-forced, dashed: live)", xlabel="number of edits",
                  ylabel="percent", ylim=(0, 100))
+        axis.title.set_fontsize("small")
+    if with_general:
+        axis = axes[3]
+        for index, method in enumerate(args.methods):
+            points = sorted((r["num_edits"], general_accuracy(r)) for r in runs[method] if "general" in r)
+            if points:
+                axis.plot(*zip(*points, strict=True), marker="o", color=colors[index % len(colors)], label=method)
+        axis.axhline(general_accuracy(base), color="grey", linestyle="--", label="unedited")
+        if goal:
+            axis.axhline(general_accuracy(base) - GOAL_MAX_LOSS["general accuracy"], color="green", linestyle=":",
+                         label="goal")
+        axis.set(title="general suite (mean accuracy)", xlabel="number of edits", ylabel="percent", ylim=(0, 100))
         axis.title.set_fontsize("small")
     axes[0].legend(fontsize="x-small")
     figure.tight_layout()

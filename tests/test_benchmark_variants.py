@@ -110,17 +110,27 @@ def test_the_tables_protocol_sentence_names_the_unedited_weights_not_the_first_m
     assert "weights" not in benchmark_script.protocol_summary(result("b" * 64), None).split(";")[0]
 
 
-def test_the_goal_table_marks_each_metric_against_the_unedited_model_on_the_same_records(benchmark_script):
-    """The 10,000-edit runs' evaluations (docs/benchmarks): specificity is held against the unedited model's on the
-    records edited so far (65.0 on the first 500, 67.2 on 1,000, 68.65 on 2,000; 68.4 on all 10,000), the general
-    suite's accuracy against the unedited 47.25, and a point without the suite has no general cell."""
+def test_the_goal_table_marks_each_metric_against_the_unedited_model_on_the_same_records(benchmark_script,
+                                                                                        shared_data, tmp_path):
+    """`--report_only` on the 10,000-edit runs' evaluations (docs/benchmarks): specificity is held against the
+    unedited model's on the records edited so far (65.0 on the first 500, 67.2 on 1,000, 68.65 on 2,000; 68.4 on all
+    10,000), the general suite's accuracy against the unedited 47.25, and a point without the suite has no general
+    cell; the plot has the general suite's panel beside the three edit metrics."""
     docs = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "lifelong_10000"
     runs = json.loads((docs / "results.json").read_text())["runs"]
-    table = "\n".join(benchmark_script.goal_table(
-        runs, argparse.Namespace(dataset="counterfact", methods=["alphaedit", "alphaedit+nas"])))
+    for method, results in runs.items():
+        for result in results:
+            benchmark_script.write_json(benchmark_script.checkpoint_path(tmp_path, method, result["num_edits"]), result)
+    benchmark_script.main(["--report_only", "--num_edits", "10000", "--no_live", "--methods", "alphaedit,alphaedit+nas",
+                           "--output_dir", str(tmp_path),
+                           "--records", str(shared_data / "counterfact" / "counterfact-edit.json")])
+    table = (tmp_path / "results.md").read_text()
     assert "| alphaedit | 500 | 96.0 ✓ | 78.8 ✗ | 64.60 (−0.40) ✓ | – |" in table
     assert "| alphaedit | 2000 | 90.2 ✗ | 78.6 ✗ | 60.30 (−8.35) ✗ | 45.88 (−1.38) ✓ |" in table
     assert "| alphaedit+nas | 1000 | 95.5 ✓ | 79.8 ✗ | 61.90 (−5.30) ✗ | 46.88 (−0.38) ✓ |" in table
+    from PIL import Image
+
+    assert Image.open(tmp_path / "metrics_vs_edits.png").size == (2112, 456)  # four panels of 4.4 in at 120 dpi
     without_retention = {**runs, "base": [{k: v for k, v in runs["base"][0].items() if k != "retention"}]}
     assert benchmark_script.goal_table(
         without_retention, argparse.Namespace(dataset="counterfact", methods=["alphaedit"])) == []
