@@ -3,7 +3,7 @@
     python scripts/benchmark_sequential.py [--quick] [--num_edits 1000] [--batch_size 100] [--dataset zsre]
         [--methods alphaedit,memit | all] [--eval_every 0] [--no_live] [--general_examples 100] [--output_dir DIR]
         [--figures_dir docs/benchmarks] [--mend_editor DIR_OR_REPO] [--single_edits 100]
-        [--target_memory_budget auto] [--report_only] [--general_every_eval]
+        [--target_memory_budget auto] [--report_only] [--general_every_eval] [--stop_at_edits N]
     python scripts/benchmark_sequential.py --scorer_speedup [--speedup_records 200] [--full_evaluation]
 
 A method is a registered name with optional `+projection` (AlphaEdit's null-space projection of every update,
@@ -35,7 +35,8 @@ metric families, package version).
 Writes into the output folder: `base/edits_0000.json`, `<method>/edits_NNNN.json` (one atomic file per evaluation;
 existing ones are skipped on a rerun, and `<method>/resume/` holds a `hf_alphaedit.checkpointing` checkpoint after
 the last finished batch, so a run continues there; `--keep_checkpoints` keeps every batch's, to restore and evaluate
-any point of the run afterwards; `--extend_from` continues a shorter run's checkpoint with more records),
+any point of the run afterwards; `--extend_from` continues a shorter run's checkpoint with more records;
+`--stop_at_edits N` ends a method's turn after N edits, so long runs can take turns one at a time),
 `results.json`, `results.md` and `metrics_vs_edits.png`, `comparison.png`, `general.png`, `trade_off.png` (efficacy
 and generalization against specificity and the general suite, one point per method or variant with its seconds per
 edit: the calibration curve), and per method `<method>/telemetry.json` (every batch's collapse telemetry:
@@ -187,6 +188,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report_only", action="store_true",
                         help="Only write results.md, results.json and the plots from the evaluations in --output_dir so "
                              "far (a long run's progress, also while it runs): no editing, no evaluation.")
+    parser.add_argument("--stop_at_edits", type=int, default=None,
+                        help="Stop each method once this many edits are applied (after that batch's evaluation and "
+                             "checkpoint); the same command without it, or with a larger number, goes on from there. "
+                             "For long runs taken in turns, one at a time.")
     parser.add_argument("--keep_checkpoints", action="store_true",
                         help="Keep every batch's checkpoint in <method>/resume/ (default: the latest only).")
     parser.add_argument("--general_dir", default=str(DATA / "general"))
@@ -216,6 +221,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in args.methods:
         variant_arguments(name, args.mend_editor)
+    if args.stop_at_edits is not None and args.stop_at_edits <= 0:
+        raise SystemExit(f"--stop_at_edits {args.stop_at_edits}: give a positive number of edits, or leave it out to "
+                         "run to --num_edits.")
     if args.single_edits and args.dataset != "counterfact":
         raise SystemExit("--single_edits scores CounterFact's efficacy/generalization/specificity; drop it or use "
                          "--dataset counterfact.")
@@ -311,6 +319,10 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
     if model.state.batches and len(model.state.batches) in checkpoints:
         evaluate_point(model, method, len(model.state.batches), num_batches, len(records), edit_seconds, args)
     for batch in range(len(model.state.batches) + 1, num_batches + 1):
+        if args.stop_at_edits is not None and model.state.num_edits >= args.stop_at_edits:
+            print(f"[{method}] stopped after {model.state.num_edits} edits (--stop_at_edits {args.stop_at_edits}); "
+                  "run again without it to go on", flush=True)
+            return
         chunk = records[(batch - 1) * args.batch_size : batch * args.batch_size]
         result = model.edit(chunk, batch_size=args.batch_size)
         edit_seconds += result.seconds

@@ -224,3 +224,42 @@ def test_a_run_resumed_at_an_evaluation_without_the_general_suite_adds_it_as_if_
         assert resumed["general"][task]["f1"] == reference["general"][task]["f1"], task
     assert resumed["general"]["protocol"]["editing"] == reference["general"]["protocol"]["editing"]
     assert "general" in point(tmp_path / "resumed", 4)
+
+
+def test_a_run_stopped_at_a_number_of_edits_goes_on_from_there_to_the_same_result(benchmark_script, shared_data,
+                                                                                   corpus, tmp_path, monkeypatch):
+    """`--stop_at_edits` ends a method's turn after the batch that reaches it (its evaluation and checkpoint
+    written), the same command again stops at once, and without it the run goes on to the result of a run straight
+    through."""
+    def load_method(method, args, batch_size):
+        return AlphaEditModel(_scaled_model(), tiny_tokenizer(),
+                              _args(corpus, layers=[1, 2], method=method, batch_size=batch_size))
+
+    monkeypatch.setattr(benchmark_script, "load_method", load_method)
+    records = load_edit_records(shared_data / "counterfact" / "counterfact-edit.json", limit=6)
+
+    def run(output_dir: Path, *flags: str) -> None:
+        args = benchmark_script.parse_args(["--num_edits", "6", "--batch_size", "2", "--eval_every", "1", "--no_live",
+                                            "--general_examples", "0", "--output_dir", str(output_dir),
+                                            "--records", str(shared_data / "counterfact" / "counterfact-edit.json"),
+                                            "--methods", "alphaedit", *flags])
+        benchmark_script.run_method("alphaedit", records, args)
+
+    def evaluated(output_dir: Path) -> list[str]:
+        return sorted(path.name for path in (output_dir / "alphaedit").glob("edits_*.json"))
+
+    run(tmp_path / "in_turns", "--stop_at_edits", "3")
+    assert evaluated(tmp_path / "in_turns") == ["edits_0002.json", "edits_0004.json"]
+    assert (tmp_path / "in_turns" / "alphaedit" / "resume" / "latest").read_text().strip() == "checkpoint-000002"
+    run(tmp_path / "in_turns", "--stop_at_edits", "4")
+    assert evaluated(tmp_path / "in_turns") == ["edits_0002.json", "edits_0004.json"]
+    run(tmp_path / "in_turns")
+    run(tmp_path / "straight")
+    last = [json.loads((folder / "alphaedit" / "edits_0006.json").read_text())
+            for folder in (tmp_path / "in_turns", tmp_path / "straight")]
+    weights = [result["edit_metrics"]["protocol"]["model"]["weights_sha256"] for result in last]
+    assert weights[0] == weights[1]  # the edited weights, bit for bit
+    for name in ("efficacy", "generalization", "specificity"):
+        assert [b[name] for b in last[0]["retention"]] == [b[name] for b in last[1]["retention"]], name
+    with pytest.raises(SystemExit, match="--stop_at_edits 0: give a positive number"):
+        benchmark_script.parse_args(["--stop_at_edits", "0"])
