@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from hf_alphaedit import AlphaEditModel, EditingArguments
 from hf_alphaedit.evaluation import load_edit_records
@@ -20,6 +21,22 @@ from tests.test_engine import _args, _scaled_model
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_sequential.py"
+
+
+def _tiny_editor(corpus: Path, method: str, batch_size: int) -> AlphaEditModel:
+    """What the benchmark's `load_method` gives, on a tiny Llama instead of SmolLM2."""
+    return AlphaEditModel(_scaled_model(), tiny_tokenizer(),
+                          _args(corpus, layers=[1, 2], method=method, batch_size=batch_size))
+
+
+def _write_evaluations(benchmark_script, runs: dict[str, list[dict]], output_dir: Path, *,
+                       leave_out: tuple[str, int] | None = None) -> None:
+    """The evaluations of a committed `results.json` as a run's output folder (without `leave_out`'s)."""
+    for method, results in runs.items():
+        for result in results:
+            if (method, result["num_edits"]) != leave_out:
+                benchmark_script.write_json(benchmark_script.checkpoint_path(output_dir, method, result["num_edits"]),
+                                            result)
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +135,7 @@ def test_the_goal_table_marks_each_metric_against_the_unedited_model_on_the_same
     cell; the plot has the general suite's panel beside the three edit metrics."""
     docs = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "lifelong_10000"
     runs = json.loads((docs / "results.json").read_text())["runs"]
-    for method, results in runs.items():
-        for result in results:
-            benchmark_script.write_json(benchmark_script.checkpoint_path(tmp_path, method, result["num_edits"]), result)
+    _write_evaluations(benchmark_script, runs, tmp_path)
     benchmark_script.main(["--report_only", "--num_edits", "10000", "--no_live", "--methods", "alphaedit,alphaedit+nas",
                            "--output_dir", str(tmp_path),
                            "--records", str(shared_data / "counterfact" / "counterfact-edit.json")])
@@ -128,8 +143,6 @@ def test_the_goal_table_marks_each_metric_against_the_unedited_model_on_the_same
     assert "| alphaedit | 500 | 96.0 ✓ | 78.8 ✗ | 64.60 (−0.40) ✓ | – |" in table
     assert "| alphaedit | 2000 | 90.2 ✗ | 78.6 ✗ | 60.30 (−8.35) ✗ | 45.88 (−1.38) ✓ |" in table
     assert "| alphaedit+nas | 1000 | 95.5 ✓ | 79.8 ✗ | 61.90 (−5.30) ✗ | 46.88 (−0.38) ✓ |" in table
-    from PIL import Image
-
     assert Image.open(tmp_path / "metrics_vs_edits.png").size == (2112, 456)  # four panels of 4.4 in at 120 dpi
     without_retention = {**runs, "base": [{k: v for k, v in runs["base"][0].items() if k != "retention"}]}
     assert benchmark_script.goal_table(
@@ -142,11 +155,7 @@ def test_report_only_tables_a_run_in_progress_at_its_latest_evaluation(benchmark
     docs = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "lifelong_1500_memit"
     saved = json.loads((docs / "results.json").read_text())
     memit = "memit+mom2_update_weight=2000+clamp_norm_factor=0.5"
-    for method, results in saved["runs"].items():
-        for result in results:
-            if (method, result["num_edits"]) != (memit, 1500):
-                benchmark_script.write_json(benchmark_script.checkpoint_path(tmp_path, method, result["num_edits"]),
-                                            result)
+    _write_evaluations(benchmark_script, saved["runs"], tmp_path, leave_out=(memit, 1500))
     (tmp_path / memit / "telemetry.json").write_text((docs / "memit_telemetry.json").read_text())
     benchmark_script.main(["--report_only", "--num_edits", "1500", "--no_live", "--methods", f"alphaedit,{memit}",
                            "--output_dir", str(tmp_path),
@@ -184,8 +193,7 @@ def test_a_run_resumed_at_an_evaluation_without_the_general_suite_adds_it_as_if_
 
     def loader(stop_after: int | None):
         def load_method(method, args, batch_size):
-            editor = AlphaEditModel(_scaled_model(), tiny_tokenizer(),
-                                    _args(corpus, layers=[1, 2], method=method, batch_size=batch_size))
+            editor = _tiny_editor(corpus, method, batch_size)
             edit, done = editor.edit, []
 
             def edit_until_interrupted(*args, **kwargs):
@@ -231,11 +239,8 @@ def test_a_run_stopped_at_a_number_of_edits_goes_on_from_there_to_the_same_resul
     """`--stop_at_edits` ends a method's turn after the batch that reaches it (its evaluation and checkpoint
     written), the same command again stops at once, and without it the run goes on to the result of a run straight
     through."""
-    def load_method(method, args, batch_size):
-        return AlphaEditModel(_scaled_model(), tiny_tokenizer(),
-                              _args(corpus, layers=[1, 2], method=method, batch_size=batch_size))
-
-    monkeypatch.setattr(benchmark_script, "load_method", load_method)
+    monkeypatch.setattr(benchmark_script, "load_method",
+                        lambda method, args, batch_size: _tiny_editor(corpus, method, batch_size))
     records = load_edit_records(shared_data / "counterfact" / "counterfact-edit.json", limit=6)
 
     def run(output_dir: Path, *flags: str) -> None:
