@@ -26,7 +26,8 @@ official code does), in file order and consecutive batches of `batch_size` (exce
 target for a subject and template its batch already has trades places with the next batch's first record, which the
 run prints and `results.md` names: the engine refuses a contradictory batch), applied sequentially to one model per
 method, with key statistics from WikiText-2. After all batches (and every `eval_every` batches) the records edited
-so far are evaluated with `AlphaEditModel.evaluate`: the teacher-forced metrics (CounterFact efficacy /
+so far (in the batches' order, so an evaluation between the two records of a move covers the one edited) are
+evaluated with `AlphaEditModel.evaluate`: the teacher-forced metrics (CounterFact efficacy /
 generalization / specificity §10.2, or ZsRE token accuracy §10.4) and, beside them, the live-decoding ones (the
 model generates the answer greedily; `live_accuracy` metric card); the general-capability suite (§10.7) runs on
 the unedited model and after the last batch (`--general_every_eval`: at every evaluation). Every result carries its
@@ -88,6 +89,7 @@ from hf_alphaedit.evaluation import (
     summarize_record_scores,
 )
 from hf_alphaedit.evaluation.scorer import encode_prompt, encode_target, inference
+from hf_alphaedit.fingerprint import file_sha256, records_sha256
 from hf_alphaedit.forward import right_pad
 from hf_alphaedit.methods import MethodConfig, get_method_classes
 from hf_alphaedit.metrics.summaries import harmonic_mean
@@ -268,21 +270,22 @@ def schedule(args: argparse.Namespace, num_batches: int, edited: int) -> dict[st
     """The `schedule` part of a checkpoint's protocol card."""
     timing = {0: "after all batches (the paper's protocol)", 1: "after every batch"}.get(
         args.eval_every, f"after every {args.eval_every} batches and after the last")
-    return {"of_batches": num_batches, "timing": timing,
-            "records": f"the first {edited} records of the file: every record edited so far"}
+    return {"of_batches": num_batches, "timing": timing, "records": f"the first {edited} records in batch order "
+            f"(the file's, but for `batch_order_moves` in results.json): every record edited so far"}
 
 
-def evaluate_checkpoint(model: AlphaEditModel, edited: int, args: argparse.Namespace, *, general: bool,
+def evaluate_checkpoint(model: AlphaEditModel, records: list[dict], args: argparse.Namespace, *, general: bool,
                         protocol: dict[str, Any]) -> dict[str, Any]:
-    """Edit metrics (teacher-forced and live, with their protocol card) of the first `edited` records, and the
-    general suite when `general`."""
+    """Edit metrics (teacher-forced and live, with their protocol card) of `records` (the records edited so far, in
+    batch order), each batch's alone (`retention`), and the general suite when `general`."""
     result: dict[str, Any] = {"num_edits": model.state.num_edits}
-    result["edit_metrics"] = model.evaluate(args.records, limit=edited, live=args.live, show_progress=False,
-                                            protocol=protocol, per_record=True)
+    source = {"dataset": {"source": Path(args.records).name, "file_sha256": file_sha256(args.records)}}
+    result["edit_metrics"] = model.evaluate(records, live=args.live, show_progress=False, per_record=True,
+                                            protocol={**protocol, **source})
     scores = result["edit_metrics"].pop("records")
-    result["retention"] = [{"records": [start, min(start + args.batch_size, edited)],
+    result["retention"] = [{"records": [start, min(start + args.batch_size, len(records))],
                             **summarize_record_scores(scores[start : start + args.batch_size])}
-                           for start in range(0, edited, args.batch_size)]
+                           for start in range(0, len(records), args.batch_size)]
     if general and args.general_examples > 0:
         result.update(general_suite(model, args))
     return result
@@ -317,7 +320,7 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
         print(f"[{method}] resuming after {model.state.num_edits} edits ({saved})")
     edit_seconds = sum(sum(b.timings.values()) for b in model.state.batches)
     if model.state.batches and len(model.state.batches) in checkpoints:
-        evaluate_point(model, method, len(model.state.batches), num_batches, len(records), edit_seconds, args)
+        evaluate_point(model, method, len(model.state.batches), num_batches, records, edit_seconds, args)
     for batch in range(len(model.state.batches) + 1, num_batches + 1):
         if args.stop_at_edits is not None and model.state.num_edits >= args.stop_at_edits:
             print(f"[{method}] stopped after {model.state.num_edits} edits (--stop_at_edits {args.stop_at_edits}); "
@@ -328,7 +331,7 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
         edit_seconds += result.seconds
         print(f"[{method}] batch {batch}/{num_batches}: {result.seconds:.0f}s ({edit_seconds:.0f}s so far)", flush=True)
         if batch in checkpoints:
-            evaluate_point(model, method, batch, num_batches, len(records), edit_seconds, args)
+            evaluate_point(model, method, batch, num_batches, records, edit_seconds, args)
         edits_after = itertools.accumulate(len(record.requests) for record in model.state.batches)
         write_json(telemetry_path(args.output_dir, method), [
             {"batch": record.index, "num_edits": edits, **record.telemetry}
@@ -337,11 +340,11 @@ def run_method(method: str, records: list[dict], args: argparse.Namespace) -> No
             save_checkpoint(model, resume, run, keep=None if args.keep_checkpoints else 1)
 
 
-def evaluate_point(model: AlphaEditModel, method: str, batch: int, num_batches: int, num_records: int,
+def evaluate_point(model: AlphaEditModel, method: str, batch: int, num_batches: int, records: list[dict],
                    edit_seconds: float, args: argparse.Namespace) -> None:
     """Write the evaluation after `batch` batches unless it exists; the general suite after the last batch (or at
     every evaluation with `--general_every_eval`), added to an existing evaluation that lacks it."""
-    edited = min(batch * args.batch_size, num_records)
+    edited = min(batch * args.batch_size, len(records))
     path = checkpoint_path(args.output_dir, method, edited)
     general = (batch == num_batches or args.general_every_eval) and args.general_examples > 0
     if path.exists():
@@ -352,7 +355,7 @@ def evaluate_point(model: AlphaEditModel, method: str, batch: int, num_batches: 
             print(f"[{method}] {edited} edits: general suite added, mean accuracy "
                   f"{existing['general']['average']['accuracy']:.2f}", flush=True)
         return
-    result = evaluate_checkpoint(model, edited, args, general=general,
+    result = evaluate_checkpoint(model, records[:edited], args, general=general,
                                  protocol={"schedule": schedule(args, num_batches, edited)})
     result.update(method=method, batch_size=args.batch_size, edit_seconds=edit_seconds)
     write_json(path, result)
@@ -398,6 +401,19 @@ def separate_conflicts(records: list[dict], batch_size: int) -> tuple[list[dict]
                 for sequence in (records, requests):
                     sequence[index], sequence[partner] = sequence[partner], sequence[index]
     return records, moves
+
+
+def unedited_evaluation_covers(path: Path, records: list[dict]) -> bool:
+    """Whether the unedited model's evaluation at `path` scored `records` in this order (its per-batch `retention`
+    is the batches' own); one of other records, or of these in file order before a move, is redone."""
+    if not path.exists():
+        return False
+    card = json.loads(path.read_text())["edit_metrics"]["protocol"]["dataset"]
+    if card["records_sha256"] == records_sha256(records):
+        return True
+    print(f"{path}: the unedited evaluation scored other records or another order than these batches'; redoing it",
+          flush=True)
+    return False
 
 
 def load_method(method: str, args: argparse.Namespace, batch_size: int) -> AlphaEditModel:
@@ -891,11 +907,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     for move in moves:
         print(f"batches: {move}", flush=True)
     base_path = checkpoint_path(args.output_dir, "base", 0)
-    if not base_path.exists() and not args.report_only:
+    if not args.report_only and not unedited_evaluation_covers(base_path, records):
         model = AlphaEditModel.from_pretrained()
-        before = {"schedule": {"timing": "before editing", "records": f"the first {len(records)} records of the "
-                               "file: every record the methods edit"}}
-        write_json(base_path, {"method": "unedited", **evaluate_checkpoint(model, len(records), args, general=True,
+        before = {"schedule": {"timing": "before editing", "records": f"the first {len(records)} records in batch "
+                               "order: every record the methods edit"}}
+        write_json(base_path, {"method": "unedited", **evaluate_checkpoint(model, records, args, general=True,
                                                                            protocol=before)})
         del model
     for method in [] if args.report_only else args.methods:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from hf_alphaedit import AlphaEditModel, EditingArguments
 from hf_alphaedit.evaluation import load_edit_records
+from hf_alphaedit.fingerprint import file_sha256, records_sha256
 from hf_alphaedit.hub import ModelSource
 from hf_alphaedit.methods.ultraedit import UltraEditConfig
 from hf_alphaedit.requests import EditRequestError, as_edit_requests
@@ -91,7 +92,8 @@ def test_the_general_suites_card_names_the_model_as_the_edit_metrics_card_does(b
     editor = AlphaEditModel(model, tiny_tokenizer(), EditingArguments(disable_tqdm=True), source)
     args = argparse.Namespace(records=str(shared_data / "counterfact" / "counterfact-edit.json"), live=False,
                               general_examples=2, general_dir=str(shared_data / "general"), batch_size=2)
-    result = benchmark_script.evaluate_checkpoint(editor, 3, args, general=True, protocol={})
+    records = load_edit_records(args.records, limit=3)
+    result = benchmark_script.evaluate_checkpoint(editor, records, args, general=True, protocol={})
     edit_card, general_card = result["edit_metrics"]["protocol"], result["general"]["protocol"]
     assert general_card["model"]["id"] == edit_card["model"]["id"] == "tester/tiny-llama"
     assert general_card["model"]["revision"] == "0" * 40 and general_card["editing"] == edit_card["editing"]
@@ -180,6 +182,41 @@ def test_a_record_that_contradicts_its_batch_trades_places_with_the_next_batchs_
     assert changed == {3044, 3100, 9675, 9700} and len(moves) == 2
     assert (reordered[3044], reordered[3100]) == (records[3100], records[3044])
     assert reordered[:1500] == records[:1500]  # the runs extended from 1,500 edits keep their batches
+
+
+def test_evaluations_score_the_records_edited_so_far_in_batch_order(benchmark_script, shared_data, corpus, tmp_path,
+                                                                     monkeypatch, capsys):
+    """Record 1 asks for another target of record 0's subject, so it trades places with record 2: the evaluation after
+    the first batch scores records 0 and 2 of the file (the edited ones, not the file's first two), and an unedited
+    evaluation of the file's order (its per-batch scores attributed to the wrong batches) is redone."""
+    file_records = load_edit_records(shared_data / "counterfact" / "counterfact-edit.json", limit=4)
+    file_records[1] = {**file_records[0], "case_id": -1, "target_new": {"str": "Atlantis"}}
+    records_file = tmp_path / "records.json"
+    records_file.write_text(json.dumps(file_records))
+    batch_order = [file_records[0], file_records[2], file_records[1], file_records[3]]
+    unedited = _tiny_editor(corpus, "alphaedit", 2)
+    monkeypatch.setattr(benchmark_script, "AlphaEditModel", argparse.Namespace(from_pretrained=lambda: unedited))
+    monkeypatch.setattr(benchmark_script, "load_method",
+                        lambda method, args, batch_size: _tiny_editor(corpus, method, batch_size))
+    flags = ["--num_edits", "4", "--batch_size", "2", "--eval_every", "1", "--no_live", "--general_examples", "0",
+             "--records", str(records_file), "--output_dir", str(tmp_path / "run"), "--methods", "alphaedit"]
+    args = benchmark_script.parse_args(flags)
+    base_path = benchmark_script.checkpoint_path(args.output_dir, "base", 0)
+    benchmark_script.write_json(base_path, benchmark_script.evaluate_checkpoint(
+        unedited, file_records, args, general=False, protocol={}))  # as before batch order was evaluated
+
+    benchmark_script.main(flags)
+    assert f"{base_path}: the unedited evaluation scored other records or another order" in capsys.readouterr().out
+
+    def dataset(path: Path) -> dict:
+        return json.loads(path.read_text())["edit_metrics"]["protocol"]["dataset"]
+
+    assert dataset(base_path)["records_sha256"] == records_sha256(batch_order)
+    after_first_batch = dataset(benchmark_script.checkpoint_path(args.output_dir, "alphaedit", 2))
+    assert after_first_batch["records_sha256"] == records_sha256(batch_order[:2]) != records_sha256(file_records[:2])
+    assert after_first_batch["source"] == "records.json"
+    assert after_first_batch["file_sha256"] == file_sha256(records_file)
+    assert benchmark_script.unedited_evaluation_covers(base_path, batch_order)
 
 
 def test_a_run_resumed_at_an_evaluation_without_the_general_suite_adds_it_as_if_run_then(benchmark_script, shared_data,
