@@ -476,7 +476,7 @@ def protocol_summary(result: dict[str, Any], base: dict[str, Any] | None) -> str
     return (f"Protocol card: {model['id']} ({model.get('origin')}{weights}; each method's edited weights in its "
             "result JSON), "
             f"records {dataset['records'][0]}–{dataset['records'][1]} of `{dataset['source']}` "
-            f"(`{dataset.get('file_sha256', '')[:19]}…`) in file order, {editing.get('num_edits')} edits in "
+            f"(`{dataset.get('file_sha256', '')[:19]}…`) in batch order, {editing.get('num_edits')} edits in "
             f"{editing.get('num_batches')} batch(es) of {', '.join(map(str, sizes))}, evaluated "
             f"{card['schedule']['timing']} on every record edited so far, metric families "
             f"{', '.join(card['metric_families'])}, hf_alphaedit {card['package_version']}.")
