@@ -81,6 +81,7 @@ from hf_alphaedit.checkpointing import (
     run_identity,
     save_checkpoint,
 )
+from hf_alphaedit.cli import LOG_LEVELS, CommonArguments, configure_logging
 from hf_alphaedit.evaluation import (
     editor_protocol,
     evaluate_edits,
@@ -206,6 +207,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="The trained MEND editor of the mend variants (folder or Hub repo).")
     parser.add_argument("--single_edits", type=int, default=0,
                         help="Also edit each of the first N records alone (and revert), per method.")
+    parser.add_argument("--log_level", choices=LOG_LEVELS, default="info",
+                        help="Logging level of hf_alphaedit, as the CLI's (info: resumes, checkpoints and the "
+                             "targets NAS keeps at v0, which a long run's log should show).")
     parser.add_argument("--scorer_speedup", action="store_true", help="Time the batched scorer instead.")
     parser.add_argument("--speedup_records", type=int, default=200)
     parser.add_argument("--full_evaluation", action="store_true",
@@ -900,6 +904,7 @@ def scorer_speedup(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    configure_logging(CommonArguments(log_level=args.log_level))
     if args.scorer_speedup:
         scorer_speedup(args)
         return

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -151,9 +152,13 @@ def test_the_goal_table_marks_each_metric_against_the_unedited_model_on_the_same
         without_retention, argparse.Namespace(dataset="counterfact", methods=["alphaedit"])) == []
 
 
-def test_report_only_tables_a_run_in_progress_at_its_latest_evaluation(benchmark_script, shared_data, tmp_path):
+def test_report_only_tables_a_run_in_progress_at_its_latest_evaluation(benchmark_script, shared_data, tmp_path,
+                                                                     monkeypatch):
     """`--report_only` on the evaluations of the 1,500-edit MEMIT run (docs/benchmarks) with MEMIT's last one removed,
-    as while the run goes on: no model is loaded, MEMIT's row is its 1,000-edit point, AlphaEdit's its final one."""
+    as while the run goes on: no model is loaded, MEMIT's row is its 1,000-edit point, AlphaEdit's its final one.
+    hf_alphaedit logs at the CLI's default level (info), so a long run's log shows what the library reports."""
+    library_logger = logging.getLogger("hf_alphaedit")
+    monkeypatch.setattr(library_logger, "level", logging.WARNING)  # as in a fresh process; restored afterwards
     docs = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "lifelong_1500_memit"
     saved = json.loads((docs / "results.json").read_text())
     memit = "memit+mom2_update_weight=2000+clamp_norm_factor=0.5"
@@ -168,6 +173,7 @@ def test_report_only_tables_a_run_in_progress_at_its_latest_evaluation(benchmark
     assert f"| {memit} | 1500 |" not in table and "| unedited (all 1500 records) | 0 | 31.8 / – |" in table
     assert {"results.json", "metrics_vs_edits.png", "comparison.png", "telemetry.png", "retention.png"} <= {
         path.name for path in tmp_path.iterdir()}
+    assert library_logger.getEffectiveLevel() == logging.INFO
 
 
 def test_a_record_that_contradicts_its_batch_trades_places_with_the_next_batchs_first(benchmark_script, shared_data):
