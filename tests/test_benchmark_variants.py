@@ -5,6 +5,7 @@ resumed run completes the evaluation it resumes at."""
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import logging
@@ -153,12 +154,14 @@ def test_the_goal_table_marks_each_metric_against_the_unedited_model_on_the_same
 
 
 def test_report_only_tables_a_run_in_progress_at_its_latest_evaluation(benchmark_script, shared_data, tmp_path,
-                                                                     monkeypatch):
+                                                                     request):
     """`--report_only` on the evaluations of the 1,500-edit MEMIT run (docs/benchmarks) with MEMIT's last one removed,
     as while the run goes on: no model is loaded, MEMIT's row is its 1,000-edit point, AlphaEdit's its final one.
     hf_alphaedit logs at the CLI's default level (info), so a long run's log shows what the library reports."""
     library_logger = logging.getLogger("hf_alphaedit")
-    monkeypatch.setattr(library_logger, "level", logging.WARNING)  # as in a fresh process; restored afterwards
+    # setLevel, not an attribute patch, both ways: it also clears the loggers' cached isEnabledFor answers
+    request.addfinalizer(functools.partial(library_logger.setLevel, library_logger.level))
+    library_logger.setLevel(logging.WARNING)  # as in a fresh process
     docs = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "lifelong_1500_memit"
     saved = json.loads((docs / "results.json").read_text())
     memit = "memit+mom2_update_weight=2000+clamp_norm_factor=0.5"
