@@ -36,6 +36,7 @@ from .hub import ModelSource, hub_namespace, hub_unreachable_reason
 from .memory import resolve_memory_budget
 from .methods.nas import NormAnchor, NormAnchorScaling, compute_norm_anchor
 from .methods.prompts import check_request_lengths, ensure_context_templates
+from .methods.targets import choose_forward_mode
 from .projection import LoadedArtifact, NullSpaceProjector, load_projection_artifact
 from .requests import EditRequest, as_edit_requests
 from .state import atomic_write
@@ -197,9 +198,12 @@ class StatisticsProvider:
         logger.info("NAS: optimising the targets of %d requests of %s on the unedited model for the anchor norm "
                     "(once per model)", len(requests), args.norm_anchor_records)
         start = time.perf_counter()
+        if self.engine.forward_mode is None:  # a NAS method is built before its first edit chooses the mode
+            self.engine.forward_mode = choose_forward_mode(model, self.tokenizer, self.spec, self.hparams, templates,
+                                                           requests[:2])
         anchor = compute_norm_anchor(model, self.tokenizer, self.spec, self.hparams, templates, requests,
                                      batch_tokens=args.target_batch_tokens, memory_budget=args.target_memory_budget,
-                                     mode=self.engine.forward_mode or "full", show_progress=not args.disable_tqdm)
+                                     mode=self.engine.forward_mode, show_progress=not args.disable_tqdm)
         parallel = data_parallel()
         if parallel is None or parallel.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -148,6 +148,28 @@ def test_the_anchor_is_the_trimmed_mean_on_the_original_weights_after_edits(corp
     assert not torch.allclose(on_edited, v0, rtol=1e-3, atol=1e-4)
 
 
+def test_the_anchor_of_a_new_editor_is_optimised_on_the_fast_path(corpus_file, tmp_path, records_file, monkeypatch):
+    """A NAS method is built before its first edit chooses the forward mode; the anchor's target optimisation
+    chooses it then (`prefix_cache` for a Llama) instead of running the whole model at every step."""
+    modes: list[str] = []
+    init = TargetOptimizer.__init__
+
+    def recording(self: TargetOptimizer, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        modes.append(self.mode)
+
+    monkeypatch.setattr(TargetOptimizer, "__init__", recording)
+    editor = _editor(corpus_file, tmp_path, records_file)
+    assert editor.forward_mode is None
+    anchor = editor.provider.norm_anchor()
+    # choose_forward_mode's probes (full, then prefix_cache, which matches), then the anchor's optimisation.
+    assert modes == ["full", "prefix_cache", "prefix_cache"]
+    assert editor.forward_mode == "prefix_cache"
+    editor.edit(REQUESTS[:1], batch_size=1)
+    assert modes[3:] == ["prefix_cache"] and editor.forward_mode == "prefix_cache"
+    assert len(anchor.norms) == ANCHOR_SAMPLES
+
+
 @pytest.mark.parametrize("method", ["alphaedit", "memit", "nse"])
 def test_an_edit_with_nas_pins_the_mlp_part_of_every_target_to_the_anchor(corpus_file, cache_dir, records_file,
                                                                           method):
