@@ -43,8 +43,8 @@ from hf_alphaedit.checkpointing import latest_checkpoint, load_checkpoint, resto
 from hf_alphaedit.evaluation import load_edit_records
 from hf_alphaedit.evaluation.scorer import encode_target, inference
 from hf_alphaedit.methods.locate_then_edit import LocateThenEditMethod
-from hf_alphaedit.methods.prompts import encode_with_subject, ensure_context_templates
-from hf_alphaedit.methods.targets import TargetOptimizer, choose_forward_mode
+from hf_alphaedit.methods.prompts import encode_with_subject
+from hf_alphaedit.methods.targets import TargetOptimizer
 from hf_alphaedit.requests import EditRequest, as_edit_requests
 
 BENCHMARK = Path(__file__).resolve().parent / "benchmark_sequential.py"
@@ -159,16 +159,9 @@ def diagnose(model: AlphaEditModel, records: Sequence[dict[str, Any]]) -> dict[s
     if not isinstance(method, LocateThenEditMethod):
         raise SystemExit(f"method {model.editing_args.method!r} does not edit towards optimised targets; this "
                          "diagnosis is for the locate-then-edit methods (AlphaEdit, MEMIT and their variants)")
-    context, requests, hparams = method.context, as_edit_requests(records), model.hparams
+    context, requests = method.context, as_edit_requests(records)
     start = time.perf_counter()
-    with model.engine.editing_mode():
-        # What `AlphaEditModel.edit` sets up before a model's first edit.
-        ensure_context_templates(model.state.context_templates, model.model, model.tokenizer, hparams,
-                                 model.editing_args.seed)
-        if model.engine.forward_mode is None:
-            model.engine.forward_mode = choose_forward_mode(model.model, model.tokenizer, model.spec, hparams,
-                                                            model.state.context_templates, requests[:2])
-        context.forward_mode = model.engine.forward_mode
+    with model.prepared_for_editing(requests):
         targets = TargetOptimizer(model.model, model.tokenizer, model.spec, model.hparams, context.context_templates,
                                   batch_tokens=context.target_batch_tokens,
                                   memory_budget=context.target_memory_budget,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -20,6 +19,7 @@ from hf_alphaedit.fingerprint import file_sha256, records_sha256
 from hf_alphaedit.hub import ModelSource
 from hf_alphaedit.methods.ultraedit import UltraEditConfig
 from hf_alphaedit.requests import EditRequestError, as_edit_requests
+from tests.load_module import load_module
 from tests.test_engine import _args, _scaled_model
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
@@ -44,10 +44,7 @@ def _write_evaluations(benchmark_script, runs: dict[str, list[dict]], output_dir
 
 @pytest.fixture(scope="module")
 def benchmark_script():
-    spec = importlib.util.spec_from_file_location("benchmark_sequential", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(SCRIPT, "benchmark_sequential")
 
 
 def test_settings_go_to_editing_arguments_or_the_method_config(benchmark_script):

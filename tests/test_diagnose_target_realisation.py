@@ -5,7 +5,6 @@ a run is diagnosed at the run's next records."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from hf_alphaedit.checkpointing import run_identity, save_checkpoint
 from hf_alphaedit.evaluation import load_edit_records
 from hf_alphaedit.fingerprint import weights_sha256
 from hf_alphaedit.requests import as_edit_requests
+from tests.load_module import load_module
 from tests.test_engine import _args, _scaled_model
 from tests.tiny_models import tiny_tokenizer
 
@@ -26,10 +26,7 @@ METRICS = ("efficacy", "generalization", "specificity", "efficacy_magnitude")
 
 @pytest.fixture(scope="module")
 def diagnosis():
-    spec = importlib.util.spec_from_file_location("diagnose_target_realisation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(SCRIPT, "diagnose_target_realisation")
 
 
 @pytest.fixture(scope="module")

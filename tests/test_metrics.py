@@ -149,7 +149,6 @@ def test_a_metric_pushed_as_a_space_loads_with_evaluate_and_its_app_computes(
         hub_api, unique_repo_id, fresh_hf_cache, monkeypatch, tmp_path):
     """push_metric_to_hub → `evaluate.load("ns/name")` from the Space, and the Space's generated Gradio app
     driven with gradio_client returns what the module computes (bad input: the app's error, not a crash)."""
-    import importlib.util
     import json
 
     import evaluate
@@ -157,6 +156,7 @@ def test_a_metric_pushed_as_a_space_loads_with_evaluate_and_its_app_computes(
     from huggingface_hub import snapshot_download
 
     from hf_alphaedit.metrics import METRIC_EXAMPLES, push_metric_to_hub
+    from tests.load_module import load_module
 
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     monkeypatch.setenv("HF_UPDATE_DOWNLOAD_COUNTS", "false")
@@ -172,9 +172,7 @@ def test_a_metric_pushed_as_a_space_loads_with_evaluate_and_its_app_computes(
     assert evaluate.load(repo_id).compute(**example) == expected
 
     folder = snapshot_download(repo_id, repo_type="space", local_dir=tmp_path / "space")
-    spec = importlib.util.spec_from_file_location("metric_space_app", f"{folder}/app.py")
-    app = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(app)
+    app = load_module(f"{folder}/app.py", "metric_space_app")
     _, url, _ = app.demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
         client = Client(url, verbose=False)
