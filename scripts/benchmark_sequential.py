@@ -12,7 +12,8 @@ targets, `norm_anchor=True`, for the locate-then-edit methods alphaedit, betaedi
 `+unconstrained` (no L∞ box, so FT's default layer is `round(0.66·N)`, as the reference's Llama-3-8B file):
 `memit+projection`, `alphaedit+prune`, `alphaedit+nas`. NAS's anchor comes from the first 100 records of the training file
 `../shared/data/counterfact/counterfact-train.json`, never from the evaluated records; it is computed once per model
-(one target optimisation per record, about 7 s each on 2 CPU cores) and cached next to the key statistics.
+(one target optimisation per record, on the fast forward path: 9–15 s each on one core beside two other runs, 43 s
+in full forward passes) and cached next to the key statistics.
 `+field=value` sets any field of EditingArguments or of the method's config for that run
 (`alphaedit+v_lr_rms_factor=0.5+clamp_norm_factor=0.5`, `memit+mom2_update_weight=2000`, `ultraedit+lr=1e-4`):
 calibration points, run on the training records with `--records`.
