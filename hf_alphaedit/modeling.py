@@ -3,9 +3,8 @@ its `engine` writes the weights, its `provider` supplies statistics and projecto
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +18,7 @@ from .engine import EditEngine, EditResult
 from .evaluation import editor_protocol, evaluate_edits
 from .hub import DEFAULT_MODEL, ModelSource, load_model_and_tokenizer
 from .methods import EditContext, EditMethod, NullSpaceBooster, PruneRestraint, get_method_classes
-from .methods.prompts import check_request_lengths, ensure_context_templates
-from .methods.targets import choose_forward_mode
+from .methods.prompts import check_request_lengths
 from .projection import NullSpaceProjector
 from .provider import StatisticsProvider
 from .registry import method_config_for
@@ -167,23 +165,10 @@ class AlphaEditModel(nn.Module):
         check_request_lengths(self.tokenizer, self.model.config, requests, self.hparams.context_template_length)
         if show_progress is not None:
             self.editing_args.disable_tqdm = not show_progress
-        with self.prepared_for_editing(requests):
+        with self.engine.editing_mode():
+            self.method.context.forward_mode = self.provider.prepare_target_optimisation(requests)
             return EditResult([self.engine.run_batch(requests[start: start + size], self.editing_args.collapse_guard)
                                for start in range(0, len(requests), size)])
-
-    @contextlib.contextmanager
-    def prepared_for_editing(self, requests: Sequence[EditRequest]) -> Iterator[None]:
-        """The engine's editing mode, with what `edit` sets up before its batches: the context templates
-        (generated once per model) and the target optimisation's forward mode (chosen once, on `requests[:2]`).
-        For tools that run parts of a method by hand (`scripts/diagnose_target_realisation.py`)."""
-        with self.engine.editing_mode():
-            ensure_context_templates(self.state.context_templates, self.model, self.tokenizer, self.hparams,
-                                     self.editing_args.seed)
-            if self.engine.forward_mode is None:
-                self.engine.forward_mode = choose_forward_mode(self.model, self.tokenizer, self.spec, self.hparams,
-                                                               self.state.context_templates, requests[:2])
-            self.method.context.forward_mode = self.engine.forward_mode
-            yield
 
     # -- publishing and undo -------------------------------------------------------------------------------------
 

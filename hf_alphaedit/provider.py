@@ -36,7 +36,7 @@ from .hub import ModelSource, hub_namespace, hub_unreachable_reason
 from .memory import resolve_memory_budget
 from .methods.nas import NormAnchor, NormAnchorScaling, compute_norm_anchor
 from .methods.prompts import check_request_lengths, ensure_context_templates
-from .methods.targets import choose_forward_mode
+from .methods.targets import ForwardMode, choose_forward_mode
 from .projection import LoadedArtifact, NullSpaceProjector, load_projection_artifact
 from .requests import EditRequest, as_edit_requests
 from .state import atomic_write
@@ -198,12 +198,11 @@ class StatisticsProvider:
         logger.info("NAS: optimising the targets of %d requests of %s on the unedited model for the anchor norm "
                     "(once per model)", len(requests), args.norm_anchor_records)
         start = time.perf_counter()
-        if self.engine.forward_mode is None:  # a NAS method is built before its first edit chooses the mode
-            self.engine.forward_mode = choose_forward_mode(model, self.tokenizer, self.spec, self.hparams, templates,
-                                                           requests[:2])
         anchor = compute_norm_anchor(model, self.tokenizer, self.spec, self.hparams, templates, requests,
                                      batch_tokens=args.target_batch_tokens, memory_budget=args.target_memory_budget,
-                                     mode=self.engine.forward_mode, show_progress=not args.disable_tqdm)
+                                     # A NAS method is built before its first edit would choose the mode.
+                                     mode=self.prepare_target_optimisation(requests),
+                                     show_progress=not args.disable_tqdm)
         parallel = data_parallel()
         if parallel is None or parallel.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,6 +213,18 @@ class StatisticsProvider:
                        anchor.value, len(anchor.norms), anchor.dropped, anchor.raw_mean,
                        time.perf_counter() - start, path)
         return anchor
+
+    def prepare_target_optimisation(self, probe: Sequence[EditRequest]) -> ForwardMode:
+        """What target optimisation needs before a model's first: its context templates (generated once per model
+        into the edit state) and the engine's forward mode (chosen once, on `probe[:2]`), which it returns. Call it
+        in the engine's editing mode."""
+        model = self.engine.model
+        templates = ensure_context_templates(self.engine.state.context_templates, model, self.tokenizer, self.hparams,
+                                             self.editing_args.seed)
+        if self.engine.forward_mode is None:
+            self.engine.forward_mode = choose_forward_mode(model, self.tokenizer, self.spec, self.hparams, templates,
+                                                           probe[:2])
+        return self.engine.forward_mode
 
     def null_space_projector(self, layers: Sequence[int]) -> NullSpaceProjector:
         """The null-space projector of `layers` for the run's threshold.

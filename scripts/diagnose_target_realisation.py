@@ -161,7 +161,8 @@ def diagnose(model: AlphaEditModel, records: Sequence[dict[str, Any]]) -> dict[s
                          "diagnosis is for the locate-then-edit methods (AlphaEdit, MEMIT and their variants)")
     context, requests = method.context, as_edit_requests(records)
     start = time.perf_counter()
-    with model.prepared_for_editing(requests):
+    with model.engine.editing_mode():
+        context.forward_mode = model.provider.prepare_target_optimisation(requests)  # as AlphaEditModel.edit does
         targets = TargetOptimizer(model.model, model.tokenizer, model.spec, model.hparams, context.context_templates,
                                   batch_tokens=context.target_batch_tokens,
                                   memory_budget=context.target_memory_budget,
