@@ -215,9 +215,9 @@ class StatisticsProvider:
         return anchor
 
     def prepare_target_optimisation(self, probe: Sequence[EditRequest]) -> ForwardMode:
-        """What target optimisation needs before a model's first: its context templates (generated once per model
-        into the edit state) and the engine's forward mode (chosen once, on `probe[:2]`), which it returns. Call it
-        in the engine's editing mode."""
+        """What target optimisation needs before it first runs on the model: the context templates (generated once
+        per model into the edit state) and the engine's forward mode (chosen once, on `probe[:2]`), which it
+        returns. Call it in the engine's editing mode."""
         model = self.engine.model
         templates = ensure_context_templates(self.engine.state.context_templates, model, self.tokenizer, self.hparams,
                                              self.editing_args.seed)
